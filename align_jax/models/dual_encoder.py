@@ -1,0 +1,103 @@
+"""The ALIGN dual encoder: image and text towers, projections, L2 normalisation, temperature."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from align_jax.models.bert import Bert
+from align_jax.models.efficientnet import EfficientNet
+
+_NORM_EPS = 1e-12
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """x / ||x||, as HF does; the floor only guards an all-zero vector."""
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS**2))
+
+
+class DualEncoder(nn.Module):
+    """ALIGN: image embedding = pooled image tower (Dense-projected only when its width differs
+    from `embed_dim`, as coyo-align does for non-B7 backbones); text embedding = Dense on the
+    [CLS] state; both L2-normalised; logits = similarity / learnable temperature."""
+
+    image_tower: nn.Module
+    text_tower: nn.Module
+    embed_dim: int
+    temperature_init: float = 1.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        # Declared always, created only when called: align-base has no image projection.
+        self.image_projection = nn.Dense(self.embed_dim, dtype=self.dtype, name="image_projection")
+        self.text_projection = nn.Dense(
+            self.embed_dim,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name="text_projection",
+        )
+        self.temperature = self.param(
+            "temperature", nn.initializers.constant(self.temperature_init), (), jnp.float32
+        )
+
+    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images `[N, H, W, 3]` in [-1, 1] -> unit-norm float32 embeddings `[N, embed_dim]`."""
+        features = self.image_tower(images, train=train)
+        if features.shape[-1] != self.embed_dim:
+            features = self.image_projection(features)
+        return l2_normalize(features.astype(jnp.float32))
+
+    def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
+        """Token ids and mask `[N, L]` -> unit-norm float32 embeddings `[N, embed_dim]`."""
+        hidden = self.text_tower(input_ids, attention_mask, train=train)
+        features = self.text_projection(hidden[:, 0])
+        return l2_normalize(features.astype(jnp.float32))
+
+    def __call__(
+        self, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False
+    ) -> dict[str, jax.Array]:
+        image_embeds = self.encode_image(images, train)
+        text_embeds = self.encode_text(input_ids, attention_mask, train)
+        chex.assert_equal_shape([image_embeds[0], text_embeds[0]])
+        return dict(image_embeds=image_embeds, text_embeds=text_embeds, temperature=self.temperature)
+
+
+def logits_per_image(image_embeds: jax.Array, text_embeds: jax.Array, temperature: jax.Array) -> jax.Array:
+    """`[N_images, N_texts]` similarities divided by the temperature (HF's `logits_per_image`)."""
+    return image_embeds @ text_embeds.T / temperature
+
+
+def _module_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """ConfigDict -> module kwargs; lists become tuples so the module stays hashable."""
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.to_dict().items()}
+
+
+def build_model(config: ml_collections.ConfigDict) -> DualEncoder:
+    """The DualEncoder described by a model config (see `align_jax.models.presets`)."""
+    dtype = jnp.dtype(config.get("dtype", "float32"))
+    if config.image.get("type", "efficientnet") != "efficientnet":
+        raise ValueError(f"model.image.type: unknown image tower {config.image.type!r}")
+    if config.text.get("type", "bert") != "bert":
+        raise ValueError(f"model.text.type: unknown text tower {config.text.type!r}")
+    image_fields = {k: v for k, v in _module_fields(config.image).items() if k != "type"}
+    text_fields = {k: v for k, v in _module_fields(config.text).items() if k != "type"}
+    return DualEncoder(
+        image_tower=EfficientNet(**image_fields, dtype=dtype),
+        text_tower=Bert(**text_fields, dtype=dtype),
+        embed_dim=config.embed_dim,
+        temperature_init=config.temperature_init,
+        dtype=dtype,
+    )
+
+
+def init_variables(model: DualEncoder, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+    """Initial `{'params', 'batch_stats'}` for a batch of one at the configured sizes."""
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    ids = jnp.zeros((1, config.max_text_length), jnp.int32)
+    return dict(model.init(rng, images, ids, jnp.ones_like(ids)))

@@ -1,0 +1,314 @@
+"""EfficientNet image tower, computing exactly what HF's `AlignVisionModel` computes.
+
+Parity details (see HF `modeling_align.py`): explicit padding instead of TF "SAME" (the stem
+pads right/bottom by one; stride-2 depthwise convs pad (k//2 - 1, k//2)); the residual is added
+only on the repeats of a stage (never on its first block, even when shapes would allow it);
+squeeze-excite width is `int(ratio * block input channels)`; no top conv; the embedding is the
+global pool of the last stage.
+
+1x1 convolutions are written as `Dense` over the channel axis: the same maths, but XLA lowers
+their weight gradients to a matmul instead of a large-window convolution (much faster on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# (width, depth, native resolution) per variant, from the EfficientNet and Noisy Student papers.
+VARIANTS: dict[str, tuple[float, float, int]] = {
+    "b0": (1.0, 1.0, 224),
+    "b1": (1.0, 1.1, 240),
+    "b2": (1.1, 1.2, 260),
+    "b3": (1.2, 1.4, 300),
+    "b4": (1.4, 1.8, 380),
+    "b5": (1.6, 2.2, 456),
+    "b6": (1.8, 2.6, 528),
+    "b7": (2.0, 3.1, 600),
+    "l2": (4.3, 5.3, 800),
+}
+
+# The seven MBConv stages of EfficientNet-B0, before width/depth scaling.
+BASE_STAGES = dict(
+    kernel_sizes=(3, 3, 5, 3, 5, 5, 3),
+    in_channels=(32, 16, 24, 40, 80, 112, 192),
+    out_channels=(16, 24, 40, 80, 112, 192, 320),
+    strides=(1, 2, 2, 2, 1, 2, 1),
+    num_block_repeats=(1, 2, 2, 3, 3, 4, 1),
+    expand_ratios=(1, 6, 6, 6, 6, 6, 6),
+)
+STEM_CHANNELS = 32
+
+ACTIVATIONS = {
+    "swish": nn.swish,
+    "silu": nn.swish,
+    "relu": nn.relu,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
+
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "truncated_normal")
+
+
+def efficientnet_config(variant: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """Every field of the `EfficientNet` module for a named variant ('b0'..'b7', 'l2')."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet variant {variant!r}; expected one of {list(VARIANTS)}")
+    width, depth, _ = VARIANTS[variant]
+    config = ml_collections.ConfigDict(
+        dict(
+            width_coefficient=width,
+            depth_coefficient=depth,
+            depth_divisor=8,
+            **BASE_STAGES,
+            depthwise_padding=(),
+            squeeze_expansion_ratio=0.25,
+            activation="swish",
+            pooling="mean",
+            bn_momentum=0.99,
+            bn_epsilon=1e-3,
+            drop_connect_rate=0.2,
+            drop_connect_mode="per_example",
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def round_filters(channels: int, width: float, divisor: int) -> int:
+    """Scales a channel count by `width`, rounded to a multiple of `divisor` (HF/TF rule)."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:  # never round down by more than 10%
+        rounded += divisor
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    return int(math.ceil(depth * repeats))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    in_dim: int
+    out_dim: int
+    stride: int
+    kernel_size: int
+    expand_ratio: int
+    residual: bool
+    adjust_padding: bool
+    drop_rate: float
+
+
+def block_specs(
+    width_coefficient: float,
+    depth_coefficient: float,
+    depth_divisor: int,
+    kernel_sizes: Sequence[int],
+    in_channels: Sequence[int],
+    out_channels: Sequence[int],
+    strides: Sequence[int],
+    num_block_repeats: Sequence[int],
+    expand_ratios: Sequence[int],
+    depthwise_padding: Sequence[int] = (),
+    drop_connect_rate: float = 0.2,
+) -> tuple[BlockSpec, ...]:
+    """The flat list of MBConv blocks, enumerated as HF's `AlignVisionEncoder` does."""
+    lengths = {len(x) for x in (kernel_sizes, in_channels, out_channels, strides, num_block_repeats, expand_ratios)}
+    if len(lengths) != 1:
+        raise ValueError("EfficientNet stage lists (kernel_sizes, in_channels, ...) differ in length")
+    num_blocks = sum(round_repeats(n, depth_coefficient) for n in num_block_repeats)
+    specs = []
+    for i, repeats in enumerate(num_block_repeats):
+        in_dim = round_filters(in_channels[i], width_coefficient, depth_divisor)
+        out_dim = round_filters(out_channels[i], width_coefficient, depth_divisor)
+        for j in range(round_repeats(repeats, depth_coefficient)):
+            index = len(specs)
+            specs.append(
+                BlockSpec(
+                    in_dim=in_dim if j == 0 else out_dim,
+                    out_dim=out_dim,
+                    stride=strides[i] if j == 0 else 1,
+                    kernel_size=kernel_sizes[i],
+                    expand_ratio=expand_ratios[i],
+                    residual=j > 0,
+                    adjust_padding=index not in depthwise_padding,
+                    drop_rate=drop_connect_rate * index / num_blocks,
+                )
+            )
+    return tuple(specs)
+
+
+def depthwise_padding(kernel_size: int, stride: int, adjust: bool) -> tuple[tuple[int, int], ...]:
+    """HF's explicit padding: stride 2 pads (k//2 - 1, k//2) (or symmetric when not adjusted)."""
+    half = kernel_size // 2
+    if stride == 1:
+        pad = (half, half)
+    elif adjust:
+        pad = (half - 1, half)
+    else:
+        pad = (half, half)
+    return (pad, pad)
+
+
+class DropConnect(nn.Module):
+    """Residual-branch dropout: whole examples ('per_example', stochastic depth as in the
+    original EfficientNet) or single elements ('elementwise', as HF's port does)."""
+
+    rate: float
+    mode: str = "per_example"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1) if self.mode == "per_example" else x.shape
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, shape)
+        return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
+class MBConvBlock(nn.Module):
+    spec: BlockSpec
+    squeeze_expansion_ratio: float
+    activation: str
+    bn_momentum: float
+    bn_epsilon: float
+    drop_connect_mode: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        spec = self.spec
+        act = ACTIVATIONS[self.activation]
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+        )
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=conv_init)
+        inputs = x
+        width = spec.in_dim
+        if spec.expand_ratio != 1:
+            width = spec.in_dim * spec.expand_ratio
+            x = dense(width, use_bias=False, name="expand_conv")(x)
+            x = act(norm(name="expand_bn")(x))
+        x = nn.Conv(
+            width,
+            (spec.kernel_size, spec.kernel_size),
+            strides=spec.stride,
+            padding=depthwise_padding(spec.kernel_size, spec.stride, spec.adjust_padding),
+            feature_group_count=width,
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=conv_init,
+            name="depthwise_conv",
+        )(x)
+        x = act(norm(name="depthwise_bn")(x))
+        # Squeeze-excite; its bottleneck is sized from the block *input* width.
+        se_width = max(1, int(spec.in_dim * self.squeeze_expansion_ratio))
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = act(dense(se_width, name="se_reduce")(s))
+        s = nn.sigmoid(dense(width, name="se_expand")(s))
+        x = x * s
+        x = dense(spec.out_dim, use_bias=False, name="project_conv")(x)
+        x = norm(name="project_bn")(x)
+        if spec.residual:
+            x = DropConnect(spec.drop_rate, self.drop_connect_mode)(x, deterministic=not train)
+            x = x + inputs
+        return x
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet backbone returning the pooled last stage `[N, C]` (ALIGN's image embedding)."""
+
+    width_coefficient: float
+    depth_coefficient: float
+    depth_divisor: int = 8
+    kernel_sizes: Sequence[int] = BASE_STAGES["kernel_sizes"]
+    in_channels: Sequence[int] = BASE_STAGES["in_channels"]
+    out_channels: Sequence[int] = BASE_STAGES["out_channels"]
+    strides: Sequence[int] = BASE_STAGES["strides"]
+    num_block_repeats: Sequence[int] = BASE_STAGES["num_block_repeats"]
+    expand_ratios: Sequence[int] = BASE_STAGES["expand_ratios"]
+    depthwise_padding: Sequence[int] = ()
+    squeeze_expansion_ratio: float = 0.25
+    activation: str = "swish"
+    pooling: str = "mean"
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-3
+    drop_connect_rate: float = 0.2
+    drop_connect_mode: str = "per_example"
+    dtype: Any = jnp.float32
+
+    def blocks(self) -> tuple[BlockSpec, ...]:
+        return block_specs(
+            self.width_coefficient,
+            self.depth_coefficient,
+            self.depth_divisor,
+            self.kernel_sizes,
+            self.in_channels,
+            self.out_channels,
+            self.strides,
+            self.num_block_repeats,
+            self.expand_ratios,
+            self.depthwise_padding,
+            self.drop_connect_rate,
+        )
+
+    @property
+    def features(self) -> int:
+        """Width of the pooled output."""
+        return self.blocks()[-1].out_dim
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        chex.assert_rank(images, 4)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {list(ACTIVATIONS)}")
+        if self.pooling not in ("mean", "max"):
+            raise ValueError(f"pooling must be 'mean' or 'max', got {self.pooling!r}")
+        if self.drop_connect_mode not in ("per_example", "elementwise"):
+            raise ValueError(f"drop_connect_mode must be 'per_example' or 'elementwise', got {self.drop_connect_mode!r}")
+        act = ACTIVATIONS[self.activation]
+        x = images.astype(self.dtype)
+        x = nn.Conv(
+            round_filters(STEM_CHANNELS, self.width_coefficient, self.depth_divisor),
+            (3, 3),
+            strides=2,
+            padding=((0, 1), (0, 1)),  # HF: ZeroPad2d((0, 1, 0, 1)) then a 'valid' conv
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=conv_init,
+            name="stem_conv",
+        )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            name="stem_bn",
+        )(x)
+        x = act(x)
+        for i, spec in enumerate(self.blocks()):
+            x = MBConvBlock(
+                spec,
+                self.squeeze_expansion_ratio,
+                self.activation,
+                self.bn_momentum,
+                self.bn_epsilon,
+                self.drop_connect_mode,
+                self.dtype,
+                name=f"block_{i}",
+            )(x, train)
+        pool = jnp.mean if self.pooling == "mean" else jnp.max
+        return pool(x, axis=(1, 2))

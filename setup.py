@@ -1,0 +1,46 @@
+"""align_jax: ALIGN-style dual-encoder image-text pretraining in JAX/Flax."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="align_jax",
+    version="0.1.0",
+    description="ALIGN-style dual-encoder image-text pretraining in JAX/Flax, from a CPU to a TPU pod",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["align_jax", "align_jax.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        # tensorflow-text 2.21 pins tensorflow 2.21; the full package, not tensorflow-cpu, or pip
+        # installs TF twice.
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10",
+        "ml-collections>=1.1",
+        "chex>=0.1.92",
+        "safetensors>=0.8",
+        "numpy>=2.0",
+    ],
+    extras_require={
+        # torch and transformers only build numerical references in tests; never imported by
+        # align_jax. torch is pinned so pip takes the local CPU wheel, not CUDA builds.
+        "test": [
+            "pytest>=8",
+            "ruff>=0.15",
+            "torch==2.13.0",
+            "transformers>=5.23,<6",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "align-convert-hf=align_jax.tools.convert_hf:main",
+        ],
+    },
+)
