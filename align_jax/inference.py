@@ -1,9 +1,9 @@
 """Notebook API: restore a checkpoint and embed images and texts.
 
-    model = align_jax.inference.load("/path/to/workdir")
-    image_embeds = model.encode_images(uint8_images)      # [N, D], unit norm
-    text_embeds = model.encode_texts(["a photo of a cat"])
-    logits = model.logits(image_embeds, text_embeds)      # [N_images, N_texts]
+model = align_jax.inference.load("/path/to/workdir")
+image_embeds = model.encode_images(uint8_images)      # [N, D], unit norm
+text_embeds = model.encode_texts(["a photo of a cat"])
+logits = model.logits(image_embeds, text_embeds)      # [N_images, N_texts]
 """
 
 from __future__ import annotations

@@ -15,19 +15,33 @@ from tests import fixtures
 HF_CONFIGS = {
     "odd": dict(
         vision_config=dict(width_coefficient=0.25, depth_coefficient=0.5, image_size=33),
-        text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                         max_position_embeddings=32),
+        text_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32
+        ),
         projection_dim=80,
     ),
     "custom": dict(
         vision_config=dict(
-            width_coefficient=0.5, depth_coefficient=1.0, image_size=40, kernel_sizes=[3, 5, 3, 5],
-            in_channels=[32, 16, 24, 40], out_channels=[16, 24, 40, 80], strides=[1, 2, 2, 2],
-            num_block_repeats=[1, 2, 1, 2], expand_ratios=[1, 6, 4, 6], depthwise_padding=[3],
+            width_coefficient=0.5,
+            depth_coefficient=1.0,
+            image_size=40,
+            kernel_sizes=[3, 5, 3, 5],
+            in_channels=[32, 16, 24, 40],
+            out_channels=[16, 24, 40, 80],
+            strides=[1, 2, 2, 2],
+            num_block_repeats=[1, 2, 1, 2],
+            expand_ratios=[1, 6, 4, 6],
+            depthwise_padding=[3],
             pooling_type="max",
         ),
-        text_config=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96,
-                         max_position_embeddings=40, hidden_act="gelu_new"),
+        text_config=dict(
+            hidden_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            intermediate_size=96,
+            max_position_embeddings=40,
+            hidden_act="gelu_new",
+        ),
         projection_dim=40,
         temperature_init_value=0.5,
     ),

@@ -24,9 +24,19 @@ def converted(request, tmp_path_factory):
     hf_model = build_hf_model(request.param, hf_dir, seed=len(request.param))
     out = tmp_path_factory.mktemp(f"jax_{request.param}")
     result = subprocess.run(
-        [sys.executable, "-m", "align_jax.tools.convert_hf", "--hf_dir", str(hf_dir), "--output", str(out),
-         "--max_text_length", "24"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "align_jax.tools.convert_hf",
+            "--hf_dir",
+            str(hf_dir),
+            "--output",
+            str(out),
+            "--max_text_length",
+            "24",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     return hf_model, hf_dir, out
@@ -116,9 +126,17 @@ def test_unexpected_tensor_is_named(converted, tmp_path):
 
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "align_jax.tools.convert_hf", "--hf_dir", str(tmp_path / "nope"), "--output",
-         str(tmp_path / "out")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "align_jax.tools.convert_hf",
+            "--hf_dir",
+            str(tmp_path / "nope"),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
     assert "HF directory not found" in result.stderr and "Traceback" not in result.stderr

@@ -44,9 +44,7 @@ def read_vocab(path: str) -> list[str]:
     seen: dict[str, int] = {}
     for i, token in enumerate(tokens):
         if token in seen:
-            raise ValueError(
-                f"{path}: token {token!r} appears twice (lines {seen[token] + 1} and {i + 1})"
-            )
+            raise ValueError(f"{path}: token {token!r} appears twice (lines {seen[token] + 1} and {i + 1})")
         seen[token] = i
     missing = [t for t in SPECIAL_TOKENS if t not in seen]
     if missing:
@@ -84,9 +82,7 @@ class Tokenizer:
         self.pad_id, self.unk_id = ids["[PAD]"], ids["[UNK]"]
         self.cls_id, self.sep_id = ids["[CLS]"], ids["[SEP]"]
         table = tf.lookup.StaticVocabularyTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(self.vocab), tf.range(len(self.vocab), dtype=tf.int64)
-            ),
+            tf.lookup.KeyValueTensorInitializer(tf.constant(self.vocab), tf.range(len(self.vocab), dtype=tf.int64)),
             num_oov_buckets=1,
         )
         self._basic = BasicTokenizer(lower_case=False)
@@ -106,9 +102,7 @@ class Tokenizer:
         texts = normalize(tf.convert_to_tensor(texts, tf.string), self.lower_case)
         words = self._basic.tokenize(texts)
         too_long = tf.strings.length(words, unit="UTF8_CHAR") > MAX_CHARS_PER_WORD
-        words = tf.ragged.map_flat_values(
-            lambda w, long: tf.where(long, _UNSPELLABLE_WORD, w), words, too_long
-        )
+        words = tf.ragged.map_flat_values(lambda w, long: tf.where(long, _UNSPELLABLE_WORD, w), words, too_long)
         pieces = self._wordpiece.tokenize(words).merge_dims(-2, -1)
         pieces = pieces[:, : self.max_length - 2]
         n = tf.shape(texts, out_type=tf.int64)[0]

@@ -42,9 +42,7 @@ class DualEncoder(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             name="text_projection",
         )
-        self.temperature = self.param(
-            "temperature", nn.initializers.constant(self.temperature_init), (), jnp.float32
-        )
+        self.temperature = self.param("temperature", nn.initializers.constant(self.temperature_init), (), jnp.float32)
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Images `[N, H, W, 3]` in [-1, 1] -> unit-norm float32 embeddings `[N, embed_dim]`."""
@@ -100,4 +98,4 @@ def init_variables(model: DualEncoder, config: ml_collections.ConfigDict, rng: j
     """Initial `{'params', 'batch_stats'}` for a batch of one at the configured sizes."""
     images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     ids = jnp.zeros((1, config.max_text_length), jnp.int32)
-    return dict(model.init(rng, images, ids, jnp.ones_like(ids)))
+    return dict(jax.jit(model.init)(rng, images, ids, jnp.ones_like(ids)))

@@ -278,7 +278,9 @@ class EfficientNet(nn.Module):
         if self.pooling not in ("mean", "max"):
             raise ValueError(f"pooling must be 'mean' or 'max', got {self.pooling!r}")
         if self.drop_connect_mode not in ("per_example", "elementwise"):
-            raise ValueError(f"drop_connect_mode must be 'per_example' or 'elementwise', got {self.drop_connect_mode!r}")
+            raise ValueError(
+                f"drop_connect_mode must be 'per_example' or 'elementwise', got {self.drop_connect_mode!r}"
+            )
         act = ACTIVATIONS[self.activation]
         x = images.astype(self.dtype)
         x = nn.Conv(

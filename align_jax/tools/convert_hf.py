@@ -129,7 +129,9 @@ def model_config_from_hf(hf: dict, path: Path, max_text_length: int | None = Non
     text = {**HF_TEXT_DEFAULTS, **hf.get("text_config", {})}
     top = {**HF_DEFAULTS, **hf}
     if vision["num_channels"] != 3:
-        raise ConversionError(f"{path}: vision_config.num_channels is {vision['num_channels']}; only RGB (3) is supported")
+        raise ConversionError(
+            f"{path}: vision_config.num_channels is {vision['num_channels']}; only RGB (3) is supported"
+        )
     if vision["hidden_act"] not in IMAGE_ACTIVATIONS:
         raise ConversionError(f"{path}: unsupported vision_config.hidden_act {vision['hidden_act']!r}")
     if vision["pooling_type"] not in ("mean", "max"):
@@ -138,13 +140,15 @@ def model_config_from_hf(hf: dict, path: Path, max_text_length: int | None = Non
         raise ConversionError(f"{path}: unsupported text_config.hidden_act {text['hidden_act']!r}")
     if text["position_embedding_type"] != "absolute":
         raise ConversionError(
-            f"{path}: text_config.position_embedding_type {text['position_embedding_type']!r}; only 'absolute' is supported"
+            f"{path}: text_config.position_embedding_type {text['position_embedding_type']!r}; "
+            "only 'absolute' is supported"
         )
     if max_text_length is None:
         max_text_length = min(DEFAULT_MAX_TEXT_LENGTH, text["max_position_embeddings"])
     if max_text_length > text["max_position_embeddings"]:
         raise ConversionError(
-            f"max_text_length {max_text_length} exceeds text_config.max_position_embeddings {text['max_position_embeddings']}"
+            f"max_text_length {max_text_length} exceeds text_config.max_position_embeddings "
+            f"{text['max_position_embeddings']}"
         )
     image = ml_collections.ConfigDict(
         dict(
@@ -200,7 +204,11 @@ def read_safetensors(hf_dir: Path) -> dict[str, np.ndarray]:
         if not files:
             raise ConversionError(f"{index} names no weight files")
     else:
-        hint = " (only safetensors are read; pickled .bin files are not)" if (hf_dir / "pytorch_model.bin").exists() else ""
+        hint = (
+            " (only safetensors are read; pickled .bin files are not)"
+            if (hf_dir / "pytorch_model.bin").exists()
+            else ""
+        )
         raise ConversionError(f"missing file: {single}{hint}")
     tensors: dict[str, np.ndarray] = {}
     for file in files:
@@ -274,10 +282,14 @@ def convert_variables(tensors: dict[str, np.ndarray], abstract: dict, source: st
 
     variables = jax.tree_util.tree_map_with_path(fill, abstract)
     unused = sorted(
-        k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(_IGNORED_PREFIXES)
+        k
+        for k in tensors
+        if k not in used and not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(_IGNORED_PREFIXES)
     )
     if unused:
-        raise ConversionError(f"{source}: tensors not used by the model: {unused[:8]}{' ...' if len(unused) > 8 else ''}")
+        raise ConversionError(
+            f"{source}: tensors not used by the model: {unused[:8]}{' ...' if len(unused) > 8 else ''}"
+        )
     return variables
 
 
@@ -318,7 +330,8 @@ def convert(hf_dir: str | Path, output: str | Path, max_text_length: int | None 
     vocab_size = len(read_vocab(str(output / "vocab.txt")))
     if vocab_size > model_cfg.text.vocab_size:
         raise ConversionError(
-            f"{hf_dir}: the tokenizer vocab has {vocab_size} tokens, more than text_config.vocab_size {model_cfg.text.vocab_size}"
+            f"{hf_dir}: the tokenizer vocab has {vocab_size} tokens, more than text_config.vocab_size "
+            f"{model_cfg.text.vocab_size}"
         )
     config = ml_collections.ConfigDict(
         dict(
@@ -334,9 +347,13 @@ def convert(hf_dir: str | Path, output: str | Path, max_text_length: int | None 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf_dir", required=True, help="HF ALIGN directory (config.json, model.safetensors, vocab.txt)")
+    parser.add_argument(
+        "--hf_dir", required=True, help="HF ALIGN directory (config.json, model.safetensors, vocab.txt)"
+    )
     parser.add_argument("--output", required=True, help="align_jax workdir to write")
-    parser.add_argument("--max_text_length", type=int, default=None, help=f"token length (default {DEFAULT_MAX_TEXT_LENGTH})")
+    parser.add_argument(
+        "--max_text_length", type=int, default=None, help=f"token length (default {DEFAULT_MAX_TEXT_LENGTH})"
+    )
     args = parser.parse_args(argv)
     try:
         config = convert(args.hf_dir, args.output, args.max_text_length)

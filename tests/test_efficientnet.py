@@ -1,0 +1,123 @@
+"""EfficientNet structure: HF's channel rounding, block enumeration, padding, drop-connect."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from align_jax.models import efficientnet as enet
+
+TINY = dict(width_coefficient=0.25, depth_coefficient=0.5)
+
+
+def test_round_filters_matches_hf_values():
+    assert enet.round_filters(32, 2.0, 8) == 64  # B7 stem
+    assert enet.round_filters(320, 2.0, 8) == 640  # B7 last stage = align-base embedding
+    assert enet.round_filters(320, 1.0, 8) == 320  # B0
+    assert enet.round_filters(32, 4.3, 8) == 136  # L2 stem: 137.6 rounds down to 136
+    assert enet.round_filters(320, 4.3, 8) == 1376
+    assert enet.round_filters(40, 0.25, 8) == 16  # 10 -> 8 would lose > 10%, so 16
+    assert enet.round_filters(16, 0.25, 8) == 8  # never below the divisor
+
+
+def test_block_enumeration_b7_and_b0():
+    b7 = enet.block_specs(2.0, 3.1, 8, **enet.BASE_STAGES)
+    assert len(b7) == 55
+    b0 = enet.block_specs(1.0, 1.0, 8, **enet.BASE_STAGES)
+    assert len(b0) == 16
+    assert [s.residual for s in b0[:4]] == [False, False, True, False]  # first of a stage never
+    assert [s.stride for s in b0[:4]] == [1, 2, 1, 2]
+    assert b0[1].in_dim == 16 and b0[2].in_dim == 24  # repeats take the stage's output width
+    np.testing.assert_allclose([s.drop_rate for s in b0], [0.2 * i / 16 for i in range(16)])
+
+
+def test_mismatched_stage_lists_are_rejected():
+    stages = dict(enet.BASE_STAGES, strides=(1, 2))
+    with pytest.raises(ValueError, match="differ in length"):
+        enet.block_specs(1.0, 1.0, 8, **stages)
+
+
+def test_depthwise_padding_is_hf_not_tf_same():
+    assert enet.depthwise_padding(5, 2, adjust=True) == ((1, 2), (1, 2))
+    assert enet.depthwise_padding(3, 2, adjust=True) == ((0, 1), (0, 1))
+    assert enet.depthwise_padding(5, 2, adjust=False) == ((2, 2), (2, 2))
+    assert enet.depthwise_padding(5, 1, adjust=True) == ((2, 2), (2, 2))
+
+
+def test_stem_output_size_at_odd_resolution():
+    # HF pads (0, 1) then a valid stride-2 conv: 289 -> 144 (TF SAME would give 145).
+    model = enet.EfficientNet(**TINY)
+    x = jnp.zeros((1, 289, 289, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    _, state = jax.eval_shape(
+        lambda v: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]), variables
+    )
+    assert state["intermediates"]["stem_conv"]["__call__"][0].shape == (1, 144, 144, 8)
+
+
+def test_efficientnet_config_covers_every_module_field():
+    config = enet.efficientnet_config("b3", drop_connect_rate=0.1)
+    model = enet.EfficientNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    assert (model.width_coefficient, model.depth_coefficient, model.drop_connect_rate) == (1.2, 1.4, 0.1)
+    with pytest.raises(ValueError, match="'b9'"):
+        enet.efficientnet_config("b9")
+
+
+def test_drop_connect_per_example_drops_whole_examples():
+    x = jnp.ones((64, 4, 4, 8))
+    out = enet.DropConnect(0.5, "per_example").apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+    per_example = np.asarray(out).reshape(64, -1)
+    assert set(np.unique(per_example)) == {0.0, 2.0}
+    assert (per_example.min(1) == per_example.max(1)).all()
+    assert 10 < (per_example[:, 0] == 0).sum() < 54
+
+
+def test_drop_connect_elementwise_and_deterministic():
+    x = jnp.ones((4, 4, 4, 8))
+    out = enet.DropConnect(0.5, "elementwise").apply({}, x, False, rngs={"dropout": jax.random.key(0)})
+    rows = np.asarray(out).reshape(4, -1)
+    assert (rows.min(1) == 0).all() and (rows.max(1) == 2).all()
+    np.testing.assert_array_equal(enet.DropConnect(0.5).apply({}, x, True), x)
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    model = enet.EfficientNet(**TINY)
+    images = jax.random.uniform(jax.random.key(1), (4, 33, 33, 3), minval=-1, maxval=1)
+    variables = jax.jit(model.init)(jax.random.key(0), images)
+    return model, variables, images
+
+
+def test_eval_output_of_an_example_does_not_depend_on_its_batch(tiny_net):
+    model, variables, images = tiny_net
+    apply = jax.jit(model.apply)
+    whole = apply(variables, images)
+    alone = apply(variables, images[:1])
+    assert whole.shape == (4, model.features)
+    np.testing.assert_allclose(whole[:1], alone, atol=1e-5)
+
+
+def test_training_updates_batchnorm_statistics_with_flax_momentum(tiny_net):
+    model, variables, images = tiny_net
+    train_apply = jax.jit(
+        lambda v, x: model.apply(
+            v,
+            x,
+            train=True,
+            capture_intermediates=True,
+            mutable=["batch_stats", "intermediates"],
+            rngs={"dropout": jax.random.key(2)},
+        )
+    )
+    _, updates = train_apply(variables, images)
+    stem = updates["intermediates"]["stem_conv"]["__call__"][0]
+    batch_mean = np.asarray(stem).mean(axis=(0, 1, 2))
+    # momentum 0.99 in Flax/TF semantics: the running mean (init 0) moves 1% toward the batch.
+    np.testing.assert_allclose(updates["batch_stats"]["stem_bn"]["mean"], 0.01 * batch_mean, rtol=1e-4, atol=1e-7)
+
+
+def test_unknown_activation_is_named():
+    with pytest.raises(ValueError, match="'mish'"):
+        enet.EfficientNet(**TINY, activation="mish").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
