@@ -140,3 +140,16 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     )
     assert result.returncode != 0
     assert "HF directory not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_vocab_is_rebuilt_from_tokenizer_json_when_vocab_txt_is_absent(converted, tmp_path):
+    hf_dir = _copy_hf_dir(converted[1], tmp_path / "hf")
+    assert (hf_dir / "tokenizer.json").is_file()
+    (hf_dir / "vocab.txt").unlink()
+    convert_hf.convert(hf_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "vocab.txt").read_text(encoding="utf-8").splitlines() == fixtures.TEST_VOCAB
+
+
+def test_existing_checkpoints_are_not_overwritten(converted):
+    with pytest.raises(convert_hf.ConversionError, match="already holds checkpoints"):
+        convert_hf.convert(converted[1], converted[2])

@@ -33,6 +33,18 @@ MAX_CHARS_PER_WORD = 100
 _UNSPELLABLE_WORD = "\x00"
 
 
+def check_vocab(tokens: Sequence[str], source: str) -> None:
+    """A usable BERT vocab: no duplicate tokens, and the special tokens present."""
+    seen: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if token in seen:
+            raise ValueError(f"{source}: token {token!r} appears twice (lines {seen[token] + 1} and {i + 1})")
+        seen[token] = i
+    missing = [t for t in SPECIAL_TOKENS if t not in seen]
+    if missing:
+        raise ValueError(f"{source}: vocab lacks the special tokens {missing}")
+
+
 def read_vocab(path: str) -> list[str]:
     """Reads a BERT vocab file (one token a line) and checks it is usable."""
     if not tf.io.gfile.exists(path):
@@ -41,14 +53,7 @@ def read_vocab(path: str) -> list[str]:
         tokens = [line.rstrip("\r\n") for line in f]
     while tokens and not tokens[-1]:
         tokens.pop()
-    seen: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        if token in seen:
-            raise ValueError(f"{path}: token {token!r} appears twice (lines {seen[token] + 1} and {i + 1})")
-        seen[token] = i
-    missing = [t for t in SPECIAL_TOKENS if t not in seen]
-    if missing:
-        raise ValueError(f"{path}: vocab lacks the special tokens {missing}")
+    check_vocab(tokens, path)
     return tokens
 
 

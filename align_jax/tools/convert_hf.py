@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from align_jax import checkpointing
-from align_jax.input.text_ops import read_vocab
+from align_jax.input.text_ops import check_vocab, read_vocab
 from align_jax.models import build_model, init_variables
 from align_jax.models.bert import ACTIVATIONS as TEXT_ACTIVATIONS
 from align_jax.models.efficientnet import ACTIVATIONS as IMAGE_ACTIVATIONS
@@ -293,20 +292,25 @@ def convert_variables(tensors: dict[str, np.ndarray], abstract: dict, source: st
     return variables
 
 
-def _write_vocab(hf_dir: Path, output: Path) -> None:
-    """Copies vocab.txt, or rebuilds it from a fast tokenizer's tokenizer.json."""
+def read_hf_vocab(hf_dir: Path) -> list[str]:
+    """The WordPiece vocab of a HF directory: vocab.txt, or a fast tokenizer's tokenizer.json."""
     vocab, tokenizer_json = hf_dir / "vocab.txt", hf_dir / "tokenizer.json"
     if vocab.is_file():
-        shutil.copyfile(vocab, output / "vocab.txt")
-    elif tokenizer_json.is_file():
+        try:
+            return read_vocab(str(vocab))
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
+    if tokenizer_json.is_file():
         pieces = _read_json(tokenizer_json).get("model", {}).get("vocab")
         if not isinstance(pieces, dict) or sorted(pieces.values()) != list(range(len(pieces))):
             raise ConversionError(f"{tokenizer_json} holds no WordPiece vocab")
-        ordered = sorted(pieces, key=pieces.get)
-        (output / "vocab.txt").write_text("".join(t + "\n" for t in ordered), encoding="utf-8")
-    else:
-        raise ConversionError(f"missing file: {vocab} (the WordPiece vocab of the HF tokenizer)")
-    read_vocab(str(output / "vocab.txt"))
+        tokens = sorted(pieces, key=pieces.get)
+        try:
+            check_vocab(tokens, str(tokenizer_json))
+        except ValueError as e:
+            raise ConversionError(str(e)) from e
+        return tokens
+    raise ConversionError(f"missing file: {vocab} (the WordPiece vocab of the HF tokenizer)")
 
 
 def convert(hf_dir: str | Path, output: str | Path, max_text_length: int | None = None) -> ml_collections.ConfigDict:
@@ -324,15 +328,15 @@ def convert(hf_dir: str | Path, output: str | Path, max_text_length: int | None 
     model = build_model(model_cfg)
     abstract = jax.eval_shape(lambda: init_variables(model, model_cfg, jax.random.key(0)))
     variables = convert_variables(tensors, abstract, str(hf_dir))
-
-    output.mkdir(parents=True, exist_ok=True)
-    _write_vocab(hf_dir, output)
-    vocab_size = len(read_vocab(str(output / "vocab.txt")))
-    if vocab_size > model_cfg.text.vocab_size:
+    vocab = read_hf_vocab(hf_dir)
+    if len(vocab) > model_cfg.text.vocab_size:
         raise ConversionError(
-            f"{hf_dir}: the tokenizer vocab has {vocab_size} tokens, more than text_config.vocab_size "
+            f"{hf_dir}: the tokenizer vocab has {len(vocab)} tokens, more than text_config.vocab_size "
             f"{model_cfg.text.vocab_size}"
         )
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
     config = ml_collections.ConfigDict(
         dict(
             model=model_cfg,
