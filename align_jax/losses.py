@@ -253,3 +253,34 @@ def sigmoid_contrastive_loss(
     if axis_name is not None:
         total = jax.lax.psum(total, _axis(axis_name))
     return total / global_batch
+
+
+def in_batch_top1(image_embeds: jax.Array, text_embeds: jax.Array, *, axis_name: AxisName = None) -> dict:
+    """Image->text and text->image top-1 accuracy over the global batch (is the paired example
+    the best match among all B?), from a ring of blocks: no `[b, B]` matrix is held."""
+    n, _, global_batch = _layout(image_embeds, axis_name)
+    image_embeds, text_embeds = jax.lax.stop_gradient((image_embeds, text_embeds))
+    positive = jnp.sum(image_embeds * text_embeds, axis=1)
+    own_pair = jnp.eye(image_embeds.shape[0], dtype=bool)
+
+    def best_other(rows, columns, is_own_chunk):
+        """Best score among the chunk's columns, leaving out each row's own pair."""
+        z = rows @ columns.T
+        return jnp.where(is_own_chunk & own_pair, -jnp.inf, z).max(axis=1)
+
+    def step(i, carry):
+        image_chunk, text_chunk, best_i2t, best_t2i = carry
+        best_i2t = jnp.maximum(best_i2t, best_other(image_embeds, text_chunk, i == 0))
+        best_t2i = jnp.maximum(best_t2i, best_other(text_embeds, image_chunk, i == 0))
+        if axis_name is not None:
+            perm = _ring_permutation(n)
+            image_chunk = jax.lax.ppermute(image_chunk, _axis(axis_name), perm)
+            text_chunk = jax.lax.ppermute(text_chunk, _axis(axis_name), perm)
+        return image_chunk, text_chunk, best_i2t, best_t2i
+
+    lowest = _varying(jnp.full(positive.shape, -jnp.inf, positive.dtype), axis_name)
+    _, _, best_i2t, best_t2i = jax.lax.fori_loop(0, n, step, (image_embeds, text_embeds, lowest, lowest))
+    counts = jnp.stack([jnp.sum(positive > best_i2t), jnp.sum(positive > best_t2i)]).astype(jnp.float32)
+    if axis_name is not None:
+        counts = jax.lax.psum(counts, _axis(axis_name))
+    return dict(i2t_top1=counts[0] / global_batch, t2i_top1=counts[1] / global_batch)

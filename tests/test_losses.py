@@ -117,3 +117,27 @@ def test_bad_arguments_are_named(embeddings):
         losses.softmax_contrastive_loss(images, texts, t, reduction="max")
     with pytest.raises(ValueError, match="chunk_size 5"):
         losses.chunked_softmax_contrastive_loss(images, texts, t, chunk_size=5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), *MESHES])
+def test_in_batch_top1_equals_argmax_over_the_full_batch(embeddings, mesh_shape):
+    images, texts, _ = embeddings
+    logits = np.asarray(images @ texts.T)
+    expected = dict(
+        i2t_top1=np.mean(logits.argmax(1) == np.arange(B)), t2i_top1=np.mean(logits.argmax(0) == np.arange(B))
+    )
+    assert 0.2 < expected["i2t_top1"] < 1.0  # the test data is neither trivial nor hopeless
+    if mesh_shape == (1, 1):
+        actual = losses.in_batch_top1(images, texts)
+    else:
+        mesh = jax.make_mesh(mesh_shape, BATCH_AXES)
+        fn = jax.shard_map(
+            functools.partial(losses.in_batch_top1, axis_name=BATCH_AXES),
+            mesh=mesh,
+            in_specs=(P(BATCH_AXES), P(BATCH_AXES)),
+            out_specs=P(),
+        )
+        sharding = jax.NamedSharding(mesh, P(BATCH_AXES))
+        actual = jax.jit(fn)(jax.device_put(images, sharding), jax.device_put(texts, sharding))
+    for key, value in expected.items():
+        assert float(actual[key]) == pytest.approx(value)

@@ -31,6 +31,7 @@ class DualEncoder(nn.Module):
     text_tower: nn.Module
     embed_dim: int
     temperature_init: float = 1.0
+    logit_bias_init: float | None = None  # the sigmoid (SigLIP) loss's learnable bias
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -43,6 +44,8 @@ class DualEncoder(nn.Module):
             name="text_projection",
         )
         self.temperature = self.param("temperature", nn.initializers.constant(self.temperature_init), (), jnp.float32)
+        if self.logit_bias_init is not None:
+            self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Images `[N, H, W, 3]` in [-1, 1] -> unit-norm float32 embeddings `[N, embed_dim]`."""
@@ -63,7 +66,10 @@ class DualEncoder(nn.Module):
         image_embeds = self.encode_image(images, train)
         text_embeds = self.encode_text(input_ids, attention_mask, train)
         chex.assert_equal_shape([image_embeds[0], text_embeds[0]])
-        return dict(image_embeds=image_embeds, text_embeds=text_embeds, temperature=self.temperature)
+        out = dict(image_embeds=image_embeds, text_embeds=text_embeds, temperature=self.temperature)
+        if self.logit_bias_init is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
 
 
 def logits_per_image(image_embeds: jax.Array, text_embeds: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -90,6 +96,7 @@ def build_model(config: ml_collections.ConfigDict) -> DualEncoder:
         text_tower=Bert(**text_fields, dtype=dtype),
         embed_dim=config.embed_dim,
         temperature_init=config.temperature_init,
+        logit_bias_init=config.get("logit_bias_init"),
         dtype=dtype,
     )
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from align_jax.models.norms import BatchNorm
+
 # (width, depth, native resolution) per variant, from the EfficientNet and Noisy Student papers.
 VARIANTS: dict[str, tuple[float, float, int]] = {
     "b0": (1.0, 1.0, 224),
@@ -77,6 +79,7 @@ def efficientnet_config(variant: str, **overrides: Any) -> ml_collections.Config
             bn_epsilon=1e-3,
             drop_connect_rate=0.2,
             drop_connect_mode="per_example",
+            bn_group_size=None,
         )
     )
     config.update(overrides)
@@ -181,6 +184,7 @@ class MBConvBlock(nn.Module):
     activation: str
     bn_momentum: float
     bn_epsilon: float
+    bn_group_size: int | None
     drop_connect_mode: str
     dtype: Any = jnp.float32
 
@@ -189,10 +193,11 @@ class MBConvBlock(nn.Module):
         spec = self.spec
         act = ACTIVATIONS[self.activation]
         norm = functools.partial(
-            nn.BatchNorm,
+            BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
+            group_size=self.bn_group_size,
             dtype=self.dtype,
         )
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=conv_init)
@@ -248,6 +253,7 @@ class EfficientNet(nn.Module):
     bn_epsilon: float = 1e-3
     drop_connect_rate: float = 0.2
     drop_connect_mode: str = "per_example"
+    bn_group_size: int | None = None  # None: statistics over the whole batch; else per group
     dtype: Any = jnp.float32
 
     def blocks(self) -> tuple[BlockSpec, ...]:
@@ -293,10 +299,11 @@ class EfficientNet(nn.Module):
             kernel_init=conv_init,
             name="stem_conv",
         )(x)
-        x = nn.BatchNorm(
+        x = BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
+            group_size=self.bn_group_size,
             dtype=self.dtype,
             name="stem_bn",
         )(x)
@@ -308,6 +315,7 @@ class EfficientNet(nn.Module):
                 self.activation,
                 self.bn_momentum,
                 self.bn_epsilon,
+                self.bn_group_size,
                 self.drop_connect_mode,
                 self.dtype,
                 name=f"block_{i}",

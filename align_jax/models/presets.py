@@ -29,6 +29,7 @@ def model_config(
             text=text,
             embed_dim=embed_dim,
             temperature_init=1.0,
+            logit_bias_init=None,  # set (e.g. -10) to train with the sigmoid loss
             image_size=image_size,
             max_text_length=max_text_length,
             dtype="float32",

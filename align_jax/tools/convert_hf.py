@@ -163,6 +163,7 @@ def model_config_from_hf(hf: dict, path: Path, max_text_length: int | None = Non
             bn_epsilon=float(vision["batch_norm_eps"]),
             drop_connect_rate=float(vision["drop_connect_rate"]),
             drop_connect_mode="elementwise",  # HF implements drop-connect as plain dropout
+            bn_group_size=None,
         )
     )
     text_cfg = ml_collections.ConfigDict(
