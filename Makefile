@@ -17,8 +17,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check align_jax tests
-	$(VENV)/bin/ruff format --check align_jax tests
+	$(VENV)/bin/ruff check align_jax tests benchmarks
+	$(VENV)/bin/ruff format --check align_jax tests benchmarks
 
 demo: $(STAMP)
 	@echo "make demo: the training job and its demo data land with the training issue (#5);" >&2

@@ -183,3 +183,41 @@ def test_unknown_loss_kind_is_named():
     config.kind = "triplet"
     with pytest.raises(ValueError, match="loss.kind"):
         train_step.make_loss_fn(config, mesh)
+
+
+def test_chunked_loss_in_the_step_equals_single_device_full_batch(setup):
+    mesh = sharding.make_mesh([("data", 4), ("fsdp", 2)])
+    state, _ = _state(setup, mesh)
+    config = train_step.default_loss_config()
+    config.update(kind="chunked_softmax", chunk_size=1)
+    grad_fn = jax.jit(train_step.make_loss_and_grad_fn(setup["model"], train_step.make_loss_fn(config, mesh)))
+    batch = jax.device_put(setup["batches"][0], sharding.batch_sharding(mesh))
+    (loss, _), grads = grad_fn(state.params, state.batch_stats, batch, jax.random.key(1))
+    np.testing.assert_allclose(loss, setup["loss"], rtol=1e-5)
+    assert_tree_close(grads, setup["grads"])
+
+
+def test_frozen_image_tower_and_sigmoid_loss(setup):
+    config = _model_config(dropout=False)
+    config.logit_bias_init = -10.0
+    model = build_model(config)
+    opt_config = optim.default_config()
+    opt_config.update(warmup_steps=0, decay="constant", freeze="image")
+    tx, schedule = optim.make_optimizer(opt_config, total_steps=10)
+    mesh = sharding.make_mesh([("data", 8), ("fsdp", 1)])
+    state, shardings = train_step.create_train_state(model, config, tx, mesh, jax.random.key(0))
+    before = jax.device_get(state)
+    loss_config = train_step.default_loss_config()
+    loss_config.kind = "sigmoid"
+    step = train_step.make_train_step(model, loss_config, tx, schedule, mesh, shardings, freeze="image")
+    state, metrics = step(state, setup["batches"][0])
+    after = jax.device_get(state)
+    changed = lambda tree_a, tree_b: any(  # noqa: E731
+        not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True)
+    )
+    assert not changed(before.params["image_tower"], after.params["image_tower"])
+    assert not changed(before.params["image_projection"], after.params["image_projection"])
+    assert not changed(before.batch_stats, after.batch_stats)  # a locked tower runs in inference mode
+    assert changed(before.params["text_tower"], after.params["text_tower"])
+    assert after.params["logit_bias"] != before.params["logit_bias"]
+    assert np.isfinite(float(metrics["loss"]))
