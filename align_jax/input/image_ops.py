@@ -30,3 +30,88 @@ def resize_and_center_crop(images: tf.Tensor, image_size: int) -> tf.Tensor:
     images = tf.clip_by_value(images, 0.0, 255.0)
     offset = (resize - image_size) // 2
     return images[..., offset : offset + image_size, offset : offset + image_size, :]
+
+
+def _uint_be(data: tf.Tensor, start: int, length: int) -> tf.Tensor:
+    """Unsigned big-endian integer from `length` bytes of `data` at `start`."""
+    values = tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, length), tf.uint8), tf.int64)
+    return tf.reduce_sum(values * (256 ** tf.range(length - 1, -1, -1, dtype=tf.int64)))
+
+
+def _uint_le(data: tf.Tensor, start: int, length: int) -> tf.Tensor:
+    values = tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, length), tf.uint8), tf.int64)
+    return tf.reduce_sum(values * (256 ** tf.range(length, dtype=tf.int64)))
+
+
+def image_size_from_header(data: tf.Tensor) -> tf.Tensor:
+    """`[height, width]` (int64) read from a JPEG, PNG, GIF or BMP header without decoding the
+    pixels, so size filters cost nothing and huge images are never decoded; `[-1, -1]` when the
+    bytes are none of these (or too short to tell). A JPEG whose header is corrupt raises, like a
+    failed decode (the pipeline counts both as undecodable)."""
+    size = tf.strings.length(data)
+    unknown = tf.constant([-1, -1], tf.int64)
+
+    def jpeg():
+        return tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)
+
+    def png():  # IHDR: width, height as 4-byte big-endian at 16 and 20
+        return tf.cond(size >= 24, lambda: tf.stack([_uint_be(data, 20, 4), _uint_be(data, 16, 4)]), lambda: unknown)
+
+    def gif():  # logical screen: width, height as 2-byte little-endian at 6 and 8
+        return tf.cond(size >= 10, lambda: tf.stack([_uint_le(data, 8, 2), _uint_le(data, 6, 2)]), lambda: unknown)
+
+    def bmp():  # BITMAPINFOHEADER: width, height as signed 4-byte little-endian at 18 and 22
+        def read():
+            height = _uint_le(data, 22, 4)
+            height = tf.where(height >= 2**31, 2**32 - height, height)  # negative: top-down rows
+            return tf.stack([height, _uint_le(data, 18, 4)])
+
+        return tf.cond(size >= 26, read, lambda: unknown)
+
+    magic = tf.strings.substr(data, 0, 4)
+    return tf.case(
+        [
+            (tf.strings.substr(magic, 0, 3) == b"\xff\xd8\xff", jpeg),
+            (magic == b"\x89PNG", png),
+            (tf.strings.substr(magic, 0, 3) == b"GIF", gif),
+            (tf.strings.substr(magic, 0, 2) == b"BM", bmp),
+        ],
+        default=lambda: unknown,
+        exclusive=False,
+    )
+
+
+def decode_rgb(data: tf.Tensor) -> tf.Tensor:
+    """JPEG, PNG, GIF (first frame) or BMP bytes -> uint8 `[H, W, 3]`; grayscale is repeated to
+    three channels and an alpha channel is composited onto white."""
+    image = tf.io.decode_image(data, expand_animations=False)
+    channels = tf.shape(image)[-1]
+
+    def from_gray():
+        return tf.image.grayscale_to_rgb(image[..., :1])
+
+    def from_rgba():
+        rgb, alpha = tf.cast(image[..., :3], tf.float32), tf.cast(image[..., 3:], tf.float32) / 255.0
+        return tf.cast(tf.round(rgb * alpha + 255.0 * (1.0 - alpha)), tf.uint8)
+
+    def from_gray_alpha():
+        gray, alpha = tf.cast(image[..., :1], tf.float32), tf.cast(image[..., 1:2], tf.float32) / 255.0
+        return tf.image.grayscale_to_rgb(tf.cast(tf.round(gray * alpha + 255.0 * (1.0 - alpha)), tf.uint8))
+
+    image = tf.switch_case(
+        tf.clip_by_value(channels - 1, 0, 3),
+        [from_gray, from_gray_alpha, lambda: image[..., :3], from_rgba],
+    )
+    image.set_shape([None, None, 3])
+    return image
+
+
+def random_resized_crop(image: tf.Tensor, image_size: int, resize_size: int, seed: tf.Tensor) -> tf.Tensor:
+    """ALIGN/coyo training augmentation: square resize to `resize_size` (346), random crop of
+    `image_size` (289), random horizontal flip. Stateless: `seed` ([2] int) fixes the draw.
+    Returns float32 pixels in [0, 255]."""
+    image = tf.image.resize(image, (resize_size, resize_size), method="bilinear", antialias=True)
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), seed=seeds[0])
+    image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+    return tf.clip_by_value(image, 0.0, 255.0)

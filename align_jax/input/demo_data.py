@@ -1,0 +1,163 @@
+"""The embedded demo dataset: rendered scenes of coloured shapes with two captions each.
+
+Nothing is downloaded. Every image holds one or two shapes (shape, colour, size, position) on a
+coloured background; `vecap` is a rich, complete description (a "rewritten" caption, as VeCap
+makes) and `txt` a noisy alt-text (some attributes only, shuffled, web junk such as "stock
+photo" or file names). A small model learns the pairing on CPU in minutes. `label` (the first
+shape and its colour) serves classification probes.
+
+    python -m align_jax.input.demo_data --output /tmp/align_demo_data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import string
+
+import numpy as np
+import tensorflow as tf
+
+from align_jax.input.readers import encode_example, write_tfrecords
+from align_jax.input.text_ops import SPECIAL_TOKENS
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "black": (25, 25, 25)}
+SIZES = {"small": 0.13, "large": 0.22}
+JUNK = ("stock photo", "img", "jpg", "download", "free", "hd wallpaper", "photo", "picture", "image", "1920x1080")
+CONNECTIVES = "a an and on the of with left right top bottom background next to in".split()
+NUM_CLASSES = len(SHAPES) * len(COLORS)
+
+
+def _shape_mask(shape: str, cy: float, cx: float, radius: float, size: int) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dy, dx = y - cy, x - cx
+    if shape == "circle":
+        return dy**2 + dx**2 <= radius**2
+    if shape == "square":
+        return (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
+    if shape == "triangle":
+        return (dy <= radius * 0.8) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
+    return (
+        ((np.abs(dy) <= radius * 0.3) | (np.abs(dx) <= radius * 0.3)) & (np.abs(dy) <= radius) & (np.abs(dx) <= radius)
+    )
+
+
+def make_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, dict]:
+    """One image `[size, size, 3]` uint8 and its attributes."""
+    background = str(rng.choice(list(BACKGROUNDS)))
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = BACKGROUNDS[background]
+    count = int(rng.integers(1, 3))
+    positions = ["left", "right"] if count == 2 else [str(rng.choice(["left", "right", "top", "bottom"]))]
+    if count == 2 and rng.random() < 0.5:
+        positions = positions[::-1]
+    objects = []
+    for position in positions:
+        shape, color, scale = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES)))
+        cy, cx = {"left": (0.5, 0.27), "right": (0.5, 0.73), "top": (0.27, 0.5), "bottom": (0.73, 0.5)}[position]
+        cy, cx = (cy + rng.uniform(-0.05, 0.05)) * size, (cx + rng.uniform(-0.05, 0.05)) * size
+        image[_shape_mask(shape, cy, cx, SIZES[scale] * size, size)] = COLORS[color]
+        objects.append(dict(shape=shape, color=color, size=scale, position=position))
+    image += rng.normal(0, 6, image.shape)  # sensor noise, so JPEG has something to do
+    attributes = dict(background=background, objects=objects)
+    return np.clip(image, 0, 255).astype(np.uint8), attributes
+
+
+def rich_caption(attributes: dict) -> str:
+    parts = [f"a {o['size']} {o['color']} {o['shape']} on the {o['position']}" for o in attributes["objects"]]
+    return " and ".join(parts) + f", on a {attributes['background']} background"
+
+
+def alt_text(attributes: dict, rng: np.random.Generator) -> str:
+    """Web-like alt-text: some attributes, in any order, with junk around them."""
+    words = []
+    for o in attributes["objects"]:
+        words += [o["color"], o["shape"]] if rng.random() < 0.8 else [o["shape"]]
+        if rng.random() < 0.3:
+            words.append(o["size"])
+    rng.shuffle(words)
+    if rng.random() < 0.5:
+        words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(JUNK)))
+    if rng.random() < 0.2:
+        words.append(f"img_{int(rng.integers(1000, 9999))}.jpg")
+    return " ".join(words)
+
+
+def label(attributes: dict) -> int:
+    first = attributes["objects"][0]
+    return SHAPES.index(first["shape"]) * len(COLORS) + list(COLORS).index(first["color"])
+
+
+def records(num_examples: int, seed: int, image_size: int = 128) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(num_examples):
+        image, attributes = make_scene(rng, image_size)
+        jpeg = tf.io.encode_jpeg(image, quality=90).numpy()
+        texts = dict(txt=alt_text(attributes, rng), vecap=rich_caption(attributes), key=f"{seed}-{index:07d}")
+        out.append(encode_example(jpeg, texts, dict(label=label(attributes))))
+    return out
+
+
+def vocab_tokens() -> list[str]:
+    """A WordPiece vocab covering the demo captions (every word whole) and any other text
+    (single characters and their continuations)."""
+    words = set(CONNECTIVES) | set(SHAPES) | set(COLORS) | set(BACKGROUNDS) | set(SIZES)
+    words |= {w for junk in JUNK for w in junk.split()}
+    chars = list(string.ascii_lowercase + string.digits)
+    return (
+        list(SPECIAL_TOKENS)
+        + ["[MASK]"]
+        + list(string.punctuation)
+        + chars
+        + ["##" + c for c in chars]
+        + sorted(words - set(chars))
+    )
+
+
+def write(
+    output_dir: str,
+    num_train: int = 4096,
+    num_eval: int = 512,
+    num_shards: int = 8,
+    seed: int = 0,
+    image_size: int = 128,
+) -> dict[str, str]:
+    """Writes `train-*.tfrecord`, `eval-*.tfrecord` and `vocab.txt`; returns source specs."""
+    tf.io.gfile.makedirs(output_dir)
+    write_tfrecords(records(num_train, seed, image_size), output_dir, num_shards, "train")
+    write_tfrecords(records(num_eval, seed + 1, image_size), output_dir, max(1, num_shards // 4), "eval")
+    vocab = os.path.join(output_dir, "vocab.txt")
+    with tf.io.gfile.GFile(vocab, "w") as f:
+        f.write("".join(t + "\n" for t in vocab_tokens()))
+    return dict(
+        train=f"tfrecord:{os.path.join(output_dir, 'train-*.tfrecord')}",
+        eval=f"tfrecord:{os.path.join(output_dir, 'eval-*.tfrecord')}",
+        vocab=vocab,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--num_train", type=int, default=4096)
+    parser.add_argument("--num_eval", type=int, default=512)
+    parser.add_argument("--num_shards", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    specs = write(args.output, args.num_train, args.num_eval, args.num_shards, args.seed, args.image_size)
+    print("\n".join(f"{k}: {v}" for k, v in specs.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""The host input pipeline: source -> per-process share -> shuffle -> filter -> decode ->
+augment -> caption choice -> batch -> tokenize -> global array on the mesh.
+
+Bad examples never stop training: a check or a decode that fails drops the example, and every
+drop is counted by reason (`filters.SKIP_REASONS`; failures that raise inside tf.data are found
+as gaps in the running example index). Each batch carries the process's cumulative counts under
+`skipped`. All randomness (shuffles, crops, flips, caption choice) is seeded, so batches are
+reproducible, and the iterator's position can be saved and restored exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from align_jax.input import filters, image_ops, readers
+from align_jax.input.text_ops import Tokenizer
+from align_jax.sharding import batch_sharding
+
+MODEL_INPUTS = ("images", "input_ids", "attention_mask")
+_UNDECODABLE = filters.REASON_CODE["undecodable_image"] - 1
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `data` section of a training config."""
+    return ml_collections.ConfigDict(
+        dict(
+            train="",  # source spec, e.g. "tfrecord:/data/shards-*.tfrecord"
+            eval="",
+            vocab="",  # WordPiece vocab file; the text tower's vocab size follows it
+            lower_case=True,
+            captions={"txt": 1.0},  # caption field -> sampling weight (VeCap-style mixing)
+            csv_image_column="image",
+            tfds_data_dir="",
+            tfds_image_key="image",
+            resize_size=0,  # training resize before the random crop; 0: 346/289 of image_size
+            shuffle_buffer=10_000,
+            num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
+            prefetch=2,
+            filters=filters.default_config(),
+        )
+    )
+
+
+def _parallel(config) -> int:
+    return tf.data.AUTOTUNE if config.num_parallel_calls in (-1, None) else int(config.num_parallel_calls)
+
+
+def _tfrecord_source(source, fields, train, seed, process_index, process_count, config) -> tf.data.Dataset:
+    files = readers.tfrecord_files(source.path)
+    if len(files) >= process_count:  # by file: each process opens only its own shards
+        files = files[process_index::process_count]
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if train:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.interleave(
+            tf.data.TFRecordDataset,
+            cycle_length=min(16, len(files)),
+            num_parallel_calls=_parallel(config),
+            deterministic=True,
+        )
+    else:  # by example
+        ds = tf.data.TFRecordDataset(files).shard(process_count, process_index)
+        if train:
+            ds = ds.repeat()
+    return ds.map(lambda s: readers.parse_example(s, fields), num_parallel_calls=_parallel(config))
+
+
+def _csv_source(source, fields, train, seed, process_index, process_count, config) -> tf.data.Dataset:
+    rows = readers.read_csv_rows(source.path, config.csv_image_column, fields)
+    if not rows:
+        raise ValueError(f"CSV file {source.path} has no rows")
+    columns = {key: [row[key] for row in rows] for key in ("image", *fields)}
+    ds = tf.data.Dataset.from_tensor_slices(columns).shard(process_count, process_index)
+    if train:
+        ds = ds.repeat()
+    # A missing or unreadable image file raises here and is counted as undecodable.
+    return ds.map(lambda r: {**r, "image": tf.io.read_file(r["image"])}, num_parallel_calls=_parallel(config))
+
+
+def _tfds_source(source, fields, train, seed, process_index, process_count, config) -> tf.data.Dataset:
+    builder = tfds.builder(source.path, data_dir=config.tfds_data_dir or None)
+    split = tfds.split_for_jax_process(source.split, process_index=process_index, process_count=process_count)
+    image_key = config.tfds_image_key
+    ds = builder.as_dataset(
+        split=split,
+        decoders={image_key: tfds.decode.SkipDecoding()},
+        shuffle_files=train,
+        read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
+    missing = [k for k in (image_key, *fields) if k not in builder.info.features]
+    if missing:
+        raise ValueError(
+            f"TFDS dataset {source.path!r} has no feature(s) {missing}; it has {list(builder.info.features)}"
+        )
+    if train:
+        ds = ds.repeat()
+    return ds.map(lambda ex: {"image": ex[image_key], **{f: tf.cast(ex[f], tf.string) for f in fields}})
+
+
+_SOURCES = {"tfrecord": _tfrecord_source, "csv": _csv_source, "tfds": _tfds_source}
+
+
+def read_records(
+    spec: str, config: ml_collections.ConfigDict, train: bool, seed: int, process_index: int, process_count: int
+) -> tf.data.Dataset:
+    """Records `{'image': bytes, field: text}` of this process's share, mixed by weight."""
+    fields = list(config.captions)
+    sources = readers.parse_spec(spec)
+    datasets = [
+        _SOURCES[s.kind](s, fields, train, seed + i, process_index, process_count, config)
+        for i, s in enumerate(sources)
+    ]
+    if len(datasets) == 1:
+        return datasets[0]
+    weights = [s.weight / sum(x.weight for x in sources) for s in sources]
+    return tf.data.Dataset.sample_from_datasets(datasets, weights, seed=seed, stop_on_empty_dataset=False)
+
+
+def _block_tables(config) -> tuple[tf.lookup.StaticHashTable | None, tf.lookup.StaticHashTable | None]:
+    """Image fingerprints and texts to drop, from an offline `filter_shards` pass."""
+    if not config.block_list:
+        return None, None
+    tables = []
+    for name, dtype in (("blocked_images.txt", tf.int64), ("blocked_texts.txt", tf.string)):
+        path = os.path.join(config.block_list, name)
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"block list file not found: {path}")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            lines = [line.rstrip(b"\n") for line in f if line.strip()]
+        keys = [int(x) for x in lines] if dtype == tf.int64 else lines
+        if not keys:
+            tables.append(None)
+            continue
+        tables.append(
+            tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(tf.constant(keys, dtype), tf.ones(len(keys), tf.int32)), 0
+            )
+        )
+    return tables[0], tables[1]
+
+
+def image_fingerprint(image_bytes: tf.Tensor) -> tf.Tensor:
+    """64-bit content hash of the encoded image (the offline filters key images by it)."""
+    return tf.strings.to_hash_bucket_fast(image_bytes, 2**63 - 1)
+
+
+def _caption_choice(example, index, fields, weights, config, blocked_texts, seed):
+    """Per field: a reason code; then one valid caption drawn by weight (fresh on every use)."""
+    codes = []
+    for field in fields:
+        code = filters.caption_reason(example[field], field in config.filters.word_filter_fields, config.filters)
+        if blocked_texts is not None:
+            blocked = blocked_texts.lookup(example[field]) > 0
+            code = tf.where((code == 0) & blocked, filters.REASON_CODE["blocked_text"], code)
+        codes.append(code)
+    codes = tf.stack(codes)
+    valid = tf.cast(codes == 0, tf.float32)
+    usable = tf.reduce_any(valid > 0)
+    # With nothing usable any draw will do (the example is dropped); all -inf logits would raise.
+    logits = tf.math.log(tf.constant(weights, tf.float32) * tf.where(usable, valid, tf.ones_like(valid)))
+    draw = tf.random.stateless_categorical(logits[None], 1, seed=tf.stack([seed, index]))[0, 0]
+    caption = tf.gather(tf.stack([example[f] for f in fields]), draw)
+    # Nothing usable: report the first field's reason.
+    reason = tf.where(usable, 0, codes[0])
+    return caption, reason
+
+
+def _count(state, element, num_reasons):
+    """Running counts: the element's own reason, plus any indices missing since the last element
+    (examples whose processing raised)."""
+    next_index, counts = state
+    lost = element["index"] - next_index
+    update = tf.one_hot(element["reason"] - 1, num_reasons, dtype=tf.int64)  # reason 0 -> zeros
+    update += tf.one_hot(_UNDECODABLE, num_reasons, dtype=tf.int64) * lost
+    counts = counts + update
+    return (element["index"] + 1, counts), {**element, "skipped": counts}
+
+
+def make_dataset(
+    spec: str,
+    config: ml_collections.ConfigDict,
+    *,
+    image_size: int,
+    max_text_length: int,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tf.data.Dataset:
+    """Batches of this process's share: `images` float32 `[b, S, S, 3]` in [-1, 1], `input_ids`
+    and `attention_mask` int32 `[b, L]`, `skipped` int64 `[len(SKIP_REASONS)]` (cumulative)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    fields = list(config.captions)
+    weights = [float(config.captions[f]) for f in fields]
+    if not fields or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"data.captions needs at least one field with a positive weight, got {dict(config.captions)}")
+    tokenizer = Tokenizer(config.vocab, max_text_length, config.lower_case)
+    resize_size = config.resize_size or image_ops.eval_resize_size(image_size)
+    blocked_images, blocked_texts = _block_tables(config.filters)
+    num_reasons = len(filters.SKIP_REASONS)
+    parallel = _parallel(config)
+
+    ds = read_records(spec, config, train, seed, process_index, process_count)
+    if train:
+        ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.enumerate()
+
+    def check(index, example):
+        reason = filters.image_reason(image_ops.image_size_from_header(example["image"]), config.filters)
+        if blocked_images is not None:
+            blocked = blocked_images.lookup(image_fingerprint(example["image"])) > 0
+            reason = tf.where((reason == 0) & blocked, filters.REASON_CODE["blocked_image"], reason)
+        caption, caption_reason = _caption_choice(example, index, fields, weights, config, blocked_texts, seed)
+        reason = tf.where(reason == 0, caption_reason, reason)
+        return dict(index=index, image=example["image"], caption=caption, reason=reason)
+
+    ds = ds.map(check, num_parallel_calls=parallel, deterministic=True).ignore_errors()
+    init = (tf.constant(0, tf.int64), tf.zeros([num_reasons], tf.int64))
+    ds = ds.scan(init, lambda s, e: _count(s, e, num_reasons))
+    ds = ds.filter(lambda e: e["reason"] == 0).enumerate()
+
+    def decode(position, element):
+        image = image_ops.decode_rgb(element["image"])
+        if train:
+            crop_seed = tf.stack([tf.cast(seed, tf.int64), element["index"]])
+            image = image_ops.random_resized_crop(image, image_size, resize_size, crop_seed)
+        else:
+            image = image_ops.resize_and_center_crop(image, image_size)
+        return dict(
+            index=position,
+            reason=tf.constant(0, tf.int32),
+            images=image_ops.to_unit_range(image),
+            caption=element["caption"],
+            counted=element["skipped"],
+        )
+
+    ds = ds.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
+    ds = ds.scan(init, lambda s, e: _count(s, e, num_reasons))  # decodes that raised
+
+    def finish(batch):
+        ids, mask = tokenizer.tokenize(batch["caption"])
+        skipped = batch["counted"][-1] + batch["skipped"][-1]
+        return dict(images=batch["images"], input_ids=ids, attention_mask=mask, skipped=skipped)
+
+    ds = ds.batch(batch_size, drop_remainder=train, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.map(finish, num_parallel_calls=parallel, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(config.prefetch)
+
+
+class DataIterator:
+    """NumPy batches from a dataset, with a position that can be saved and restored exactly."""
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = iter(dataset)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+    def save(self, prefix: str) -> str:
+        """Writes the position (shuffle buffers included) under `prefix`; returns the path."""
+        return self._checkpoint.write(prefix)
+
+    def restore(self, path: str) -> None:
+        self._checkpoint.read(path).assert_consumed()
+
+
+def skip_counts(batch: dict) -> dict[str, int]:
+    return {name: int(n) for name, n in zip(filters.SKIP_REASONS, batch["skipped"], strict=True)}
+
+
+def to_global_batch(batch: dict, mesh: jax.sharding.Mesh, keys: Sequence[str] = MODEL_INPUTS) -> dict:
+    """This process's rows -> global arrays sharded over the mesh's data axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}
