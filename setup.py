@@ -23,6 +23,7 @@ setup(
         "tensorflow>=2.21,<2.22",
         "tensorflow-text>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10",
+        "importlib_resources",  # tensorflow-datasets needs it to build and read datasets
         "ml-collections>=1.1",
         "chex>=0.1.92",
         "safetensors>=0.8",
@@ -32,6 +33,7 @@ setup(
         # torch and transformers only build numerical references in tests; never imported by
         # align_jax. torch is pinned so pip takes the local CPU wheel, not CUDA builds.
         "test": [
+            "pillow>=10",  # writes GIF and BMP test images
             "pytest>=8",
             "ruff>=0.15",
             "torch==2.13.0",

@@ -255,6 +255,9 @@ def make_dataset(
     ds = ds.map(finish, num_parallel_calls=parallel, deterministic=True)
     options = tf.data.Options()
     options.deterministic = True
+    # Image decoding carries assertion ops that tf.data marks as state; they hold none that a
+    # saved iterator would need, so saving the position ignores them.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return ds.with_options(options).prefetch(config.prefetch)
 
 
