@@ -4,7 +4,8 @@ augment -> caption choice -> batch -> tokenize -> global array on the mesh.
 Bad examples never stop training: a check or a decode that fails drops the example, and every
 drop is counted by reason (`filters.SKIP_REASONS`; failures that raise inside tf.data are found
 as gaps in the running example index). Each batch carries the process's cumulative counts under
-`skipped`. All randomness (shuffles, crops, flips, caption choice) is seeded, so batches are
+`skipped` (a drop is counted in the next batch to come, so in a finite evaluation pass the drops
+after the last kept example are not reported). All randomness (shuffles, crops, flips, caption choice) is seeded, so batches are
 reproducible, and the iterator's position can be saved and restored exactly.
 """
 
@@ -124,7 +125,7 @@ def read_records(
 
 
 def _block_tables(config) -> tuple[tf.lookup.StaticHashTable | None, tf.lookup.StaticHashTable | None]:
-    """Image fingerprints and texts to drop, from an offline `filter_shards` pass."""
+    """Image fingerprints and texts (web-safe base64) to drop, from `align_jax.tools.filter_shards`."""
     if not config.block_list:
         return None, None
     tables = []
@@ -134,7 +135,10 @@ def _block_tables(config) -> tuple[tf.lookup.StaticHashTable | None, tf.lookup.S
             raise FileNotFoundError(f"block list file not found: {path}")
         with tf.io.gfile.GFile(path, "rb") as f:
             lines = [line.rstrip(b"\n") for line in f if line.strip()]
-        keys = [int(x) for x in lines] if dtype == tf.int64 else lines
+        try:
+            keys = [int(x) for x in lines] if dtype == tf.int64 else lines
+        except ValueError:
+            raise ValueError(f"{path}: expected one integer image fingerprint a line") from None
         if not keys:
             tables.append(None)
             continue
@@ -157,7 +161,7 @@ def _caption_choice(example, index, fields, weights, config, blocked_texts, seed
     for field in fields:
         code = filters.caption_reason(example[field], field in config.filters.word_filter_fields, config.filters)
         if blocked_texts is not None:
-            blocked = blocked_texts.lookup(example[field]) > 0
+            blocked = blocked_texts.lookup(tf.io.encode_base64(example[field])) > 0
             code = tf.where((code == 0) & blocked, filters.REASON_CODE["blocked_text"], code)
         codes.append(code)
     codes = tf.stack(codes)
