@@ -310,3 +310,15 @@ def test_global_batch_is_sharded_over_the_data_axes(demo):
     assert arrays["images"].shape == (16, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert arrays["images"].sharding == sharding.batch_sharding(mesh)
     np.testing.assert_array_equal(jax.device_get(arrays["input_ids"]), batch["input_ids"])
+
+
+def test_drops_at_the_end_of_a_finite_pass_are_counted(tmp_path, vocab_path):
+    good = readers.encode_example(_encode(np.full((20, 20, 3), 9, np.uint8), "PNG"), {"txt": "a photo of a cat"})
+    bad = readers.encode_example(b"not an image", {"txt": "a photo of a cat"})
+    readers.write_tfrecords([good] * 5 + [bad] * 3, str(tmp_path), 1)
+    batches = [
+        {k: v.numpy() for k, v in b.items()}
+        for b in _dataset(f"tfrecord:{tmp_path}/*.tfrecord", _config(vocab_path), batch_size=5, train=False)
+    ]
+    assert [len(b["images"]) for b in batches] == [5, 0]  # the last batch only reports
+    assert pipeline.skip_counts(batches[-1])["undecodable_image"] == 3

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from align_jax.input import pipeline, readers
 from align_jax.input.text_ops import Tokenizer
-from align_jax.tools import filter_shards, learn_vocab, make_tfrecords
+from align_jax.tools import filter_shards, learn_vocab
 
 
 def _png(value: int, size=(24, 24)) -> bytes:
@@ -91,9 +91,9 @@ def test_offline_filters_block_and_pipeline_counts(tmp_path):
         records.append(readers.encode_example(_png(i), {"txt": "image"}))
     for text in ("a red cat photo", "a blue cat photo", "a green cat photo"):  # one image, three texts
         records.append(readers.encode_example(_png(200), {"txt": text}))
-    records.append(readers.encode_example(_png(250), {"txt": "a zyzzyva photo here"}))  # rare word
     for i in range(20):  # ten images each for two ordinary alt-texts: kept
         records.append(readers.encode_example(_png(100 + i), {"txt": f"a {'cat' if i % 2 else 'dog'} photo here"}))
+    records.append(readers.encode_example(_png(250), {"txt": "a zyzzyva photo here"}))  # rare word, last
     readers.write_tfrecords(records, str(tmp_path / "shards"), 2)
     spec = f"tfrecord:{tmp_path}/shards/*.tfrecord"
     top = 11  # the n-grams seen more than once: a, photo, here, cat, dog, image and 5 bigrams

@@ -4,8 +4,8 @@ augment -> caption choice -> batch -> tokenize -> global array on the mesh.
 Bad examples never stop training: a check or a decode that fails drops the example, and every
 drop is counted by reason (`filters.SKIP_REASONS`; failures that raise inside tf.data are found
 as gaps in the running example index). Each batch carries the process's cumulative counts under
-`skipped` (a drop is counted in the next batch to come, so in a finite evaluation pass the drops
-after the last kept example are not reported). All randomness (shuffles, crops, flips, caption choice) is seeded, so batches are
+`skipped`; a finite (evaluation) pass ends with a marker record, so its last batch carries the
+counts of the whole pass (that batch may hold no examples). All randomness (shuffles, crops, flips, caption choice) is seeded, so batches are
 reproducible, and the iterator's position can be saved and restored exactly.
 """
 
@@ -214,8 +214,13 @@ def make_dataset(
     parallel = _parallel(config)
 
     ds = read_records(spec, config, train, seed, process_index, process_count)
+    ds = ds.map(lambda r: {**r, "end_marker": tf.constant(False)})
     if train:
         ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:  # carries the final counts through every stage into the last batch, then is removed
+        marker_image = tf.io.encode_png(tf.zeros((1, 1, 3), tf.uint8))
+        marker = {"image": marker_image, **{f: "" for f in fields}, "end_marker": True}
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(marker))
     ds = ds.enumerate()
 
     def check(index, example):
@@ -225,7 +230,10 @@ def make_dataset(
             reason = tf.where((reason == 0) & blocked, filters.REASON_CODE["blocked_image"], reason)
         caption, caption_reason = _caption_choice(example, index, fields, weights, config, blocked_texts, seed)
         reason = tf.where(reason == 0, caption_reason, reason)
-        return dict(index=index, image=example["image"], caption=caption, reason=reason)
+        reason = tf.where(example["end_marker"], 0, reason)
+        return dict(
+            index=index, image=example["image"], caption=caption, reason=reason, end_marker=example["end_marker"]
+        )
 
     ds = ds.map(check, num_parallel_calls=parallel, deterministic=True).ignore_errors()
     init = (tf.constant(0, tf.int64), tf.zeros([num_reasons], tf.int64))
@@ -245,6 +253,7 @@ def make_dataset(
             images=image_ops.to_unit_range(image),
             caption=element["caption"],
             counted=element["skipped"],
+            end_marker=element["end_marker"],
         )
 
     ds = ds.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
@@ -253,7 +262,11 @@ def make_dataset(
     def finish(batch):
         ids, mask = tokenizer.tokenize(batch["caption"])
         skipped = batch["counted"][-1] + batch["skipped"][-1]
-        return dict(images=batch["images"], input_ids=ids, attention_mask=mask, skipped=skipped)
+        out = dict(images=batch["images"], input_ids=ids, attention_mask=mask)
+        if not train:
+            keep = tf.logical_not(batch["end_marker"])
+            out = {k: tf.boolean_mask(v, keep) for k, v in out.items()}
+        return dict(out, skipped=skipped)
 
     ds = ds.batch(batch_size, drop_remainder=train, num_parallel_calls=parallel, deterministic=True)
     ds = ds.map(finish, num_parallel_calls=parallel, deterministic=True)
