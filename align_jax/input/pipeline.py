@@ -5,8 +5,9 @@ Bad examples never stop training: a check or a decode that fails drops the examp
 drop is counted by reason (`filters.SKIP_REASONS`; failures that raise inside tf.data are found
 as gaps in the running example index). Each batch carries the process's cumulative counts under
 `skipped`; a finite (evaluation) pass ends with a marker record, so its last batch carries the
-counts of the whole pass (that batch may hold no examples). All randomness (shuffles, crops, flips, caption choice) is seeded, so batches are
-reproducible, and the iterator's position can be saved and restored exactly.
+counts of the whole pass (that batch may hold no examples). All randomness (shuffles, crops,
+flips, caption choice) is seeded, so batches are reproducible, and the iterator's position can be
+saved and restored exactly.
 """
 
 from __future__ import annotations
