@@ -63,15 +63,16 @@ class AlignModel:
         return self.config.model.embed_dim
 
     def preprocess_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 `[N, H, W, 3]` -> float32 `[N, S, S, 3]` in [-1, 1] at the model resolution."""
+        """uint8 `[N, H, W, 3]` -> uint8 `[N, S, S, 3]` at the model resolution (the model scales
+        pixels to [-1, 1])."""
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise TypeError(f"images must be uint8 pixels, got dtype {images.dtype}")
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must have shape [N, H, W, 3], got {images.shape}")
         if images.shape[1:3] != (self.image_size, self.image_size):
-            images = image_ops.resize_and_center_crop(images, self.image_size)
-        return np.asarray(image_ops.to_unit_range(images))
+            images = image_ops.resize_and_center_crop(images, self.image_size).numpy()
+        return images
 
     def encode_images(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 `[N, H, W, 3]` images -> L2-normalised float32 `[N, D]`."""

@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.models import DualEncoder, build_model, init_variables, l2_normalize, logits_per_image, presets
+from align_jax.models import (
+    DualEncoder,
+    build_model,
+    init_variables,
+    l2_normalize,
+    logits_per_image,
+    pixels_to_unit_range,
+    presets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +34,12 @@ def _inputs(config, n=3):
 def test_l2_normalize_gives_unit_rows_and_keeps_zero_finite():
     x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
     np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_uint8_pixels_are_scaled_to_unit_range_and_floats_pass_through():
+    np.testing.assert_allclose(pixels_to_unit_range(jnp.array([0, 51, 255], jnp.uint8)), [-1.0, -0.6, 1.0], atol=1e-6)
+    x = jnp.array([-0.5, 0.25])
+    np.testing.assert_array_equal(pixels_to_unit_range(x), x)
 
 
 def test_logits_are_similarities_over_temperature():

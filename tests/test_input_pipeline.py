@@ -109,7 +109,7 @@ def test_csv_reader_with_relative_paths(tmp_path, vocab_path):
         writer.writerows(rows)
     batch = next(iter(_dataset(f"csv:{tmp_path}/data.csv", _config(vocab_path), batch_size=6, train=False)))
     assert batch["images"].shape == (6, IMAGE_SIZE, IMAGE_SIZE, 3)
-    np.testing.assert_allclose(batch["images"][3].numpy().mean(), 120 / 127.5 - 1, atol=1e-2)
+    assert batch["images"].dtype == tf.uint8 and abs(batch["images"][3].numpy().mean() - 120) <= 1
     with pytest.raises(ValueError, match="missing column"):
         _dataset(f"csv:{tmp_path}/data.csv", _config(vocab_path, captions={"caption": 1.0}))
 
@@ -163,12 +163,23 @@ def test_alpha_is_composited_on_white():
     assert (decoded == 255).all()
 
 
-def test_training_crops_are_seeded_and_flip():
-    image = tf.constant(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    crops = [image_ops.random_resized_crop(image, 24, 29, tf.constant([0, i], tf.int64)).numpy() for i in range(8)]
-    again = image_ops.random_resized_crop(image, 24, 29, tf.constant([0, 3], tf.int64)).numpy()
-    np.testing.assert_array_equal(crops[3], again)
-    assert crops[0].shape == (24, 24, 3) and len({c.tobytes() for c in crops}) > 4
+@pytest.mark.parametrize(
+    "fmt,size,out,resize", [("JPEG", (50, 70), 24, 29), ("JPEG", (720, 1000), 289, 346), ("PNG", (50, 70), 24, 29)]
+)
+def test_training_crops_are_seeded_span_the_centre_and_flip(fmt, size, out, resize):
+    # Left half black, right half white: a crop covering 289/346 of the width always spans the
+    # middle, and flips put white on either side. 720 px JPEGs take the 2x DCT-downscale path.
+    array = np.zeros((*size, 3), np.uint8)
+    array[:, size[1] // 2 :] = 255
+    data = tf.constant(_encode(array, fmt))
+    crop = lambda i: image_ops.decode_random_crop(data, out, resize, tf.constant([0, i], tf.int64)).numpy()  # noqa: E731
+    crops = [crop(i) for i in range(12)]
+    np.testing.assert_array_equal(crops[3], crop(3))
+    assert all(c.shape == (out, out, 3) and c.dtype == np.uint8 for c in crops)
+    assert all(c.min() < 30 and c.max() > 225 for c in crops)
+    white_right = [c[:, -1].mean() > c[:, 0].mean() for c in crops]
+    assert any(white_right) and not all(white_right)
+    assert len({c.tobytes() for c in crops}) > 4
 
 
 # --- filters ---------------------------------------------------------------------------------

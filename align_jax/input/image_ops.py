@@ -14,22 +14,21 @@ def eval_resize_size(image_size: int) -> int:
     return int(round(image_size * ALIGN_RESIZE / ALIGN_CROP))
 
 
-def to_unit_range(images: tf.Tensor) -> tf.Tensor:
-    """uint8-valued pixels -> float32 in [-1, 1] (x / 127.5 - 1; ALIGN uses no mean/std)."""
-    return tf.cast(images, tf.float32) / 127.5 - 1.0
+def _to_uint8(images: tf.Tensor) -> tf.Tensor:
+    return tf.cast(tf.round(tf.clip_by_value(images, 0.0, 255.0)), tf.uint8)
 
 
 def resize_and_center_crop(images: tf.Tensor, image_size: int) -> tf.Tensor:
-    """`[..., H, W, 3]` -> `[..., image_size, image_size, 3]` float32 pixels in [0, 255].
+    """`[..., H, W, 3]` -> uint8 `[..., image_size, image_size, 3]`.
 
     As ALIGN/HF evaluate: a square resize (bicubic, antialiased) to `eval_resize_size`, then the
-    central `image_size` crop.
+    central `image_size` crop. Pixels stay uint8 on the host (a quarter of float32's bytes to
+    move); the model scales them to [-1, 1] on the device.
     """
     resize = eval_resize_size(image_size)
     images = tf.image.resize(tf.cast(images, tf.float32), (resize, resize), method="bicubic", antialias=True)
-    images = tf.clip_by_value(images, 0.0, 255.0)
     offset = (resize - image_size) // 2
-    return images[..., offset : offset + image_size, offset : offset + image_size, :]
+    return _to_uint8(images[..., offset : offset + image_size, offset : offset + image_size, :])
 
 
 def _uint_be(data: tf.Tensor, start: int, length: int) -> tf.Tensor:
@@ -106,12 +105,66 @@ def decode_rgb(data: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def random_resized_crop(image: tf.Tensor, image_size: int, resize_size: int, seed: tf.Tensor) -> tf.Tensor:
-    """ALIGN/coyo training augmentation: square resize to `resize_size` (346), random crop of
-    `image_size` (289), random horizontal flip. Stateless: `seed` ([2] int) fixes the draw.
-    Returns float32 pixels in [0, 255]."""
-    image = tf.image.resize(image, (resize_size, resize_size), method="bilinear", antialias=True)
+def _crop_window(height: tf.Tensor, width: tf.Tensor, fraction: float, seed: tf.Tensor) -> tf.Tensor:
+    """`[y, x, h, w]` of a crop covering `fraction` of each side at a uniform random offset."""
+    crop_h = tf.maximum(1, tf.cast(tf.round(tf.cast(height, tf.float32) * fraction), tf.int32))
+    crop_w = tf.maximum(1, tf.cast(tf.round(tf.cast(width, tf.float32) * fraction), tf.int32))
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    image = tf.image.stateless_random_crop(image, (image_size, image_size, 3), seed=seeds[0])
-    image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
-    return tf.clip_by_value(image, 0.0, 255.0)
+    y = tf.random.stateless_uniform([], seeds[0], 0, height - crop_h + 1, tf.int32)
+    x = tf.random.stateless_uniform([], seeds[1], 0, width - crop_w + 1, tf.int32)
+    return tf.stack([y, x, crop_h, crop_w])
+
+
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Bilinear; antialiased only when shrinking more than 2x (the costly case is rare after
+    a DCT-domain downscale, and below 2x bilinear already reads every source pixel)."""
+    shrink = tf.cast(tf.reduce_max(tf.shape(image)[:2]), tf.float32) / image_size
+    return tf.cond(
+        shrink > 2.0,
+        lambda: tf.image.resize(image, (image_size, image_size), antialias=True),
+        lambda: tf.image.resize(image, (image_size, image_size)),
+    )
+
+
+def decode_random_crop(data: tf.Tensor, image_size: int, resize_size: int, seed: tf.Tensor) -> tf.Tensor:
+    """ALIGN/coyo training augmentation from encoded bytes -> uint8 `[image_size, image_size, 3]`.
+
+    ALIGN resizes to `resize_size` (346) square, takes a random `image_size` (289) crop and flips
+    at random. The same crops, cheaper: pick the crop window in source coordinates (the same
+    fraction, 289/346, of each side), decode only that (JPEG: `decode_and_crop_jpeg`, or a 2x/4x/8x
+    DCT-domain downscale when the image is large enough), and resize only the crop. Stateless:
+    `seed` ([2] int) fixes the draw.
+    """
+    fraction = image_size / resize_size
+    window_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(data)
+        short = tf.minimum(shape[0], shape[1])
+        # The largest DCT downscale that keeps the short side at or above resize_size.
+        branch = tf.reduce_sum(tf.cast(short >= resize_size * tf.constant([2, 4, 8]), tf.int32))
+
+        def full_resolution():
+            window = _crop_window(shape[0], shape[1], fraction, window_seed)
+            return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+
+        def downscaled(ratio):
+            def decode():
+                image = tf.io.decode_jpeg(data, channels=3, ratio=ratio)
+                window = _crop_window(tf.shape(image)[0], tf.shape(image)[1], fraction, window_seed)
+                return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
+
+            return decode
+
+        return tf.switch_case(branch, [full_resolution, downscaled(2), downscaled(4), downscaled(8)])
+
+    def other():
+        image = decode_rgb(data)
+        window = _crop_window(tf.shape(image)[0], tf.shape(image)[1], fraction, window_seed)
+        return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2], window[3])
+
+    is_jpeg = tf.strings.substr(data, 0, 3) == b"\xff\xd8\xff"
+    crop = tf.cond(is_jpeg, jpeg, other)
+    crop.set_shape([None, None, 3])
+    image = _resize(tf.cast(crop, tf.float32), image_size)
+    return _to_uint8(tf.image.stateless_random_flip_left_right(image, seed=flip_seed))

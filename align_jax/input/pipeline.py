@@ -200,8 +200,9 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tf.data.Dataset:
-    """Batches of this process's share: `images` float32 `[b, S, S, 3]` in [-1, 1], `input_ids`
-    and `attention_mask` int32 `[b, L]`, `skipped` int64 `[len(SKIP_REASONS)]` (cumulative)."""
+    """Batches of this process's share: `images` uint8 `[b, S, S, 3]` (the model scales them to
+    [-1, 1] on the device), `input_ids` and `attention_mask` int32 `[b, L]`, `skipped` int64
+    `[len(SKIP_REASONS)]` (cumulative)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     fields = list(config.captions)
@@ -242,16 +243,15 @@ def make_dataset(
     ds = ds.filter(lambda e: e["reason"] == 0).enumerate()
 
     def decode(position, element):
-        image = image_ops.decode_rgb(element["image"])
         if train:
             crop_seed = tf.stack([tf.cast(seed, tf.int64), element["index"]])
-            image = image_ops.random_resized_crop(image, image_size, resize_size, crop_seed)
+            image = image_ops.decode_random_crop(element["image"], image_size, resize_size, crop_seed)
         else:
-            image = image_ops.resize_and_center_crop(image, image_size)
+            image = image_ops.resize_and_center_crop(image_ops.decode_rgb(element["image"]), image_size)
         return dict(
             index=position,
             reason=tf.constant(0, tf.int32),
-            images=image_ops.to_unit_range(image),
+            images=image,
             caption=element["caption"],
             counted=element["skipped"],
             end_marker=element["end_marker"],

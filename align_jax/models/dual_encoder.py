@@ -16,6 +16,14 @@ from align_jax.models.efficientnet import EfficientNet
 _NORM_EPS = 1e-12
 
 
+def pixels_to_unit_range(images: jax.Array) -> jax.Array:
+    """uint8 pixels -> float32 in [-1, 1] (x / 127.5 - 1; ALIGN uses no mean/std); float input
+    is taken to be in [-1, 1] already. Done on the device: the host ships uint8."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 127.5 - 1.0
+    return images
+
+
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """x / ||x||, as HF does; the floor only guards an all-zero vector."""
     sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
@@ -48,8 +56,9 @@ class DualEncoder(nn.Module):
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """Images `[N, H, W, 3]` in [-1, 1] -> unit-norm float32 embeddings `[N, embed_dim]`."""
-        features = self.image_tower(images, train=train)
+        """Images `[N, H, W, 3]`, uint8 pixels or float in [-1, 1] -> unit-norm float32
+        embeddings `[N, embed_dim]`."""
+        features = self.image_tower(pixels_to_unit_range(images), train=train)
         if features.shape[-1] != self.embed_dim:
             features = self.image_projection(features)
         return l2_normalize(features.astype(jnp.float32))
