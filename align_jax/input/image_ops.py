@@ -166,5 +166,6 @@ def decode_random_crop(data: tf.Tensor, image_size: int, resize_size: int, seed:
     is_jpeg = tf.strings.substr(data, 0, 3) == b"\xff\xd8\xff"
     crop = tf.cond(is_jpeg, jpeg, other)
     crop.set_shape([None, None, 3])
-    image = _resize(tf.cast(crop, tf.float32), image_size)
-    return _to_uint8(tf.image.stateless_random_flip_left_right(image, seed=flip_seed))
+    # Resize straight from uint8 (no float copy of the crop); flip the small uint8 result.
+    image = _to_uint8(_resize(crop, image_size))
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)

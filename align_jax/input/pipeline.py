@@ -225,7 +225,9 @@ def make_dataset(
         ds = ds.concatenate(tf.data.Dataset.from_tensors(marker))
     ds = ds.enumerate()
 
-    def check(index, example):
+    def check_and_decode(index, example):
+        """Filters first (from the header and the captions); only a kept example is decoded.
+        An image that fails to parse or decode raises, and the example is dropped."""
         reason = filters.image_reason(image_ops.image_size_from_header(example["image"]), config.filters)
         if blocked_images is not None:
             blocked = blocked_images.lookup(image_fingerprint(example["image"])) > 0
@@ -233,36 +235,24 @@ def make_dataset(
         caption, caption_reason = _caption_choice(example, index, fields, weights, config, blocked_texts, seed)
         reason = tf.where(reason == 0, caption_reason, reason)
         reason = tf.where(example["end_marker"], 0, reason)
-        return dict(
-            index=index, image=example["image"], caption=caption, reason=reason, end_marker=example["end_marker"]
-        )
 
-    ds = ds.map(check, num_parallel_calls=parallel, deterministic=True).ignore_errors()
+        def decode():
+            if train:
+                crop_seed = tf.stack([tf.cast(seed, tf.int64), index])
+                return image_ops.decode_random_crop(example["image"], image_size, resize_size, crop_seed)
+            return image_ops.resize_and_center_crop(image_ops.decode_rgb(example["image"]), image_size)
+
+        image = tf.cond(reason == 0, decode, lambda: tf.zeros((image_size, image_size, 3), tf.uint8))
+        return dict(index=index, images=image, caption=caption, reason=reason, end_marker=example["end_marker"])
+
+    ds = ds.map(check_and_decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
     init = (tf.constant(0, tf.int64), tf.zeros([num_reasons], tf.int64))
     ds = ds.scan(init, lambda s, e: _count(s, e, num_reasons))
-    ds = ds.filter(lambda e: e["reason"] == 0).enumerate()
-
-    def decode(position, element):
-        if train:
-            crop_seed = tf.stack([tf.cast(seed, tf.int64), element["index"]])
-            image = image_ops.decode_random_crop(element["image"], image_size, resize_size, crop_seed)
-        else:
-            image = image_ops.resize_and_center_crop(image_ops.decode_rgb(element["image"]), image_size)
-        return dict(
-            index=position,
-            reason=tf.constant(0, tf.int32),
-            images=image,
-            caption=element["caption"],
-            counted=element["skipped"],
-            end_marker=element["end_marker"],
-        )
-
-    ds = ds.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
-    ds = ds.scan(init, lambda s, e: _count(s, e, num_reasons))  # decodes that raised
+    ds = ds.filter(lambda e: e["reason"] == 0)
 
     def finish(batch):
         ids, mask = tokenizer.tokenize(batch["caption"])
-        skipped = batch["counted"][-1] + batch["skipped"][-1]
+        skipped = batch["skipped"][-1]
         out = dict(images=batch["images"], input_ids=ids, attention_mask=mask)
         if not train:
             keep = tf.logical_not(batch["end_marker"])
