@@ -57,16 +57,18 @@ def image_reason(height_width: tf.Tensor, config: ml_collections.ConfigDict) -> 
 
 
 def caption_reason(text: tf.Tensor, word_filters: bool, config: ml_collections.ConfigDict) -> tf.Tensor:
-    """Reason code for one caption: empty or whitespace, invalid UTF-8, and (for alt-text
-    fields) fewer than `min_words` or more than `max_words` unigrams."""
+    """Reason code per caption (any shape of string tensor): empty or whitespace, invalid UTF-8,
+    and (for alt-text fields) fewer than `min_words` or more than `max_words` unigrams."""
+    shape = tf.shape(text)
+    text = tf.reshape(text, [-1])
     # Valid UTF-8 survives a transcode that drops invalid sequences unchanged.
     valid_utf8 = tf.equal(tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="ignore"), text)
     stripped = tf.strings.strip(text)
-    words = tf.size(tf.strings.split(stripped))
+    words = tf.cast(tf.strings.split(stripped).row_lengths(), tf.int32)
     checks = [("empty_caption", tf.equal(tf.strings.length(stripped), 0)), ("invalid_utf8", tf.logical_not(valid_utf8))]
     if word_filters:
         checks += [("too_few_words", words < config.min_words), ("too_many_words", words > config.max_words)]
-    code = tf.constant(0, tf.int32)
+    code = tf.zeros_like(words)
     for name, failed in reversed(checks):
         code = tf.where(failed, REASON_CODE[name], code)
-    return code
+    return tf.reshape(code, shape)

@@ -26,6 +26,9 @@ from align_jax.input.text_ops import Tokenizer
 from align_jax.sharding import batch_sharding
 
 MODEL_INPUTS = ("images", "input_ids", "attention_mask")
+# Caption checks run on blocks of this many examples: one pass of string ops per block instead
+# of per example (tf.data's per-op cost dominates such small ops).
+_CHECK_BLOCK = 256
 _UNDECODABLE = filters.REASON_CODE["undecodable_image"] - 1
 
 
@@ -156,25 +159,28 @@ def image_fingerprint(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.strings.to_hash_bucket_fast(image_bytes, 2**63 - 1)
 
 
-def _caption_choice(example, index, fields, weights, config, blocked_texts, seed):
-    """Per field: a reason code; then one valid caption drawn by weight (fresh on every use)."""
+def _caption_choice(examples, fields, weights, config, blocked_texts, seed):
+    """For a batch of examples: a reason code per caption field, then one valid caption per
+    example drawn by weight (fresh on every use: the draw is keyed by the running index)."""
     codes = []
     for field in fields:
-        code = filters.caption_reason(example[field], field in config.filters.word_filter_fields, config.filters)
+        code = filters.caption_reason(examples[field], field in config.filters.word_filter_fields, config.filters)
         if blocked_texts is not None:
-            blocked = blocked_texts.lookup(tf.io.encode_base64(example[field])) > 0
+            blocked = blocked_texts.lookup(tf.io.encode_base64(examples[field])) > 0
             code = tf.where((code == 0) & blocked, filters.REASON_CODE["blocked_text"], code)
         codes.append(code)
-    codes = tf.stack(codes)
+    codes = tf.stack(codes, axis=1)  # [n, fields]
     valid = tf.cast(codes == 0, tf.float32)
-    usable = tf.reduce_any(valid > 0)
-    # With nothing usable any draw will do (the example is dropped); all -inf logits would raise.
-    logits = tf.math.log(tf.constant(weights, tf.float32) * tf.where(usable, valid, tf.ones_like(valid)))
-    draw = tf.random.stateless_categorical(logits[None], 1, seed=tf.stack([seed, index]))[0, 0]
-    caption = tf.gather(tf.stack([example[f] for f in fields]), draw)
-    # Nothing usable: report the first field's reason.
-    reason = tf.where(usable, 0, codes[0])
-    return caption, reason
+    usable = tf.reduce_any(valid > 0, axis=1)
+    # With nothing usable any draw will do (the example is dropped).
+    probs = tf.constant(weights, tf.float32) * tf.where(usable[:, None], valid, tf.ones_like(valid))
+    cumulative = tf.math.cumsum(probs, axis=1) / tf.reduce_sum(probs, axis=1, keepdims=True)
+    draw_seed = tf.stack([tf.cast(seed, tf.int64), examples["index"][0]])
+    u = tf.random.stateless_uniform(tf.shape(usable), draw_seed)
+    choice = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= u[:, None], tf.int32), axis=1), len(fields) - 1)
+    captions = tf.gather(tf.stack([examples[f] for f in fields], axis=1), choice, batch_dims=1)
+    reasons = tf.where(usable, 0, codes[:, 0])  # nothing usable: the first field's reason
+    return captions, reasons
 
 
 def _count(state, element, num_reasons):
@@ -225,15 +231,29 @@ def make_dataset(
         ds = ds.concatenate(tf.data.Dataset.from_tensors(marker))
     ds = ds.enumerate()
 
-    def check_and_decode(index, example):
-        """Filters first (from the header and the captions); only a kept example is decoded.
-        An image that fails to parse or decode raises, and the example is dropped."""
+    def check_captions(examples):
+        """Caption filters and the caption draw, vectorised over a block of examples."""
+        captions, reasons = _caption_choice(examples, fields, weights, config, blocked_texts, seed)
+        return dict(
+            index=examples["index"],
+            image=examples["image"],
+            caption=captions,
+            caption_reason=reasons,
+            end_marker=examples["end_marker"],
+        )
+
+    ds = ds.map(lambda index, example: {**example, "index": index})
+    ds = ds.batch(_CHECK_BLOCK).map(check_captions, num_parallel_calls=parallel, deterministic=True).unbatch()
+
+    def check_and_decode(example):
+        """Image filters from the header; only a kept example is decoded. An image that fails to
+        parse or decode raises, and the example is dropped (and counted by the scan below)."""
+        index = example["index"]
         reason = filters.image_reason(image_ops.image_size_from_header(example["image"]), config.filters)
         if blocked_images is not None:
             blocked = blocked_images.lookup(image_fingerprint(example["image"])) > 0
             reason = tf.where((reason == 0) & blocked, filters.REASON_CODE["blocked_image"], reason)
-        caption, caption_reason = _caption_choice(example, index, fields, weights, config, blocked_texts, seed)
-        reason = tf.where(reason == 0, caption_reason, reason)
+        reason = tf.where(reason == 0, example["caption_reason"], reason)
         reason = tf.where(example["end_marker"], 0, reason)
 
         def decode():
@@ -243,7 +263,9 @@ def make_dataset(
             return image_ops.resize_and_center_crop(image_ops.decode_rgb(example["image"]), image_size)
 
         image = tf.cond(reason == 0, decode, lambda: tf.zeros((image_size, image_size, 3), tf.uint8))
-        return dict(index=index, images=image, caption=caption, reason=reason, end_marker=example["end_marker"])
+        return dict(
+            index=index, images=image, caption=example["caption"], reason=reason, end_marker=example["end_marker"]
+        )
 
     ds = ds.map(check_and_decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
     init = (tf.constant(0, tf.int64), tf.zeros([num_reasons], tf.int64))
