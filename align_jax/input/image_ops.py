@@ -126,20 +126,23 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     )
 
 
-def decode_random_crop(data: tf.Tensor, image_size: int, resize_size: int, seed: tf.Tensor) -> tf.Tensor:
+def decode_random_crop(
+    data: tf.Tensor, image_size: int, resize_size: int, seed: tf.Tensor, height_width: tf.Tensor | None = None
+) -> tf.Tensor:
     """ALIGN/coyo training augmentation from encoded bytes -> uint8 `[image_size, image_size, 3]`.
 
     ALIGN resizes to `resize_size` (346) square, takes a random `image_size` (289) crop and flips
     at random. The same crops, cheaper: pick the crop window in source coordinates (the same
     fraction, 289/346, of each side), decode only that (JPEG: `decode_and_crop_jpeg`, or a 2x/4x/8x
     DCT-domain downscale when the image is large enough), and resize only the crop. Stateless:
-    `seed` ([2] int) fixes the draw.
+    `seed` ([2] int) fixes the draw. `height_width`: the size from `image_size_from_header`, if
+    the caller has it already.
     """
     fraction = image_size / resize_size
     window_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
     def jpeg():
-        shape = tf.image.extract_jpeg_shape(data)
+        shape = tf.image.extract_jpeg_shape(data) if height_width is None else tf.cast(height_width, tf.int32)
         short = tf.minimum(shape[0], shape[1])
         # The largest DCT downscale that keeps the short side at or above resize_size.
         branch = tf.reduce_sum(tf.cast(short >= resize_size * tf.constant([2, 4, 8]), tf.int32))

@@ -249,7 +249,8 @@ def make_dataset(
         """Image filters from the header; only a kept example is decoded. An image that fails to
         parse or decode raises, and the example is dropped (and counted by the scan below)."""
         index = example["index"]
-        reason = filters.image_reason(image_ops.image_size_from_header(example["image"]), config.filters)
+        height_width = image_ops.image_size_from_header(example["image"])
+        reason = filters.image_reason(height_width, config.filters)
         if blocked_images is not None:
             blocked = blocked_images.lookup(image_fingerprint(example["image"])) > 0
             reason = tf.where((reason == 0) & blocked, filters.REASON_CODE["blocked_image"], reason)
@@ -259,7 +260,7 @@ def make_dataset(
         def decode():
             if train:
                 crop_seed = tf.stack([tf.cast(seed, tf.int64), index])
-                return image_ops.decode_random_crop(example["image"], image_size, resize_size, crop_seed)
+                return image_ops.decode_random_crop(example["image"], image_size, resize_size, crop_seed, height_width)
             return image_ops.resize_and_center_crop(image_ops.decode_rgb(example["image"]), image_size)
 
         image = tf.cond(reason == 0, decode, lambda: tf.zeros((image_size, image_size, 3), tf.uint8))
