@@ -34,7 +34,6 @@ BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "black": (25, 
 SIZES = {"small": 0.13, "large": 0.22}
 JUNK = ("stock photo", "img", "jpg", "download", "free", "hd wallpaper", "photo", "picture", "image", "1920x1080")
 CONNECTIVES = "a an and on the of with left right top bottom background next to in".split()
-NUM_CLASSES = len(SHAPES) * len(COLORS)
 
 
 def _shape_mask(shape: str, cy: float, cx: float, radius: float, size: int) -> np.ndarray:
