@@ -23,6 +23,7 @@ setup(
         "tensorflow>=2.21,<2.22",
         "tensorflow-text>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10",
+        "tensorboard>=2.19",  # tf.summary writes event files only with it (TF 2.21 does not depend on it)
         "importlib_resources",  # tensorflow-datasets needs it to build and read datasets
         "ml-collections>=1.1",
         "chex>=0.1.92",

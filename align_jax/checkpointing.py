@@ -8,8 +8,10 @@ optimizer state, onto whatever devices it has.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -18,7 +20,9 @@ from etils import epath
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-MODEL_ITEM = "model"
+MODEL_ITEM = "model"  # params and batch_stats: all that inference needs
+TRAIN_ITEM = "train"  # optimizer state, step, dropout key
+DATA_ITEM = "data"  # each process's input iterator position
 
 
 def save_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
@@ -71,3 +75,114 @@ def abstract_on_device(tree, device: jax.Device | None = None):
     """Shape/dtype structs placing every leaf on one device (default: the first local one)."""
     sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+class SavableIterator(Protocol):
+    """An input iterator whose exact position can be written and read back
+    (`align_jax.input.pipeline.DataIterator`)."""
+
+    def save(self, prefix: str) -> str: ...
+
+    def restore(self, path: str) -> None: ...
+
+
+class IteratorHandler(ocp.CheckpointHandler):
+    """Saves each process's iterator position inside the step's directory, so it is committed
+    atomically with the model and optimizer state (orbax renames the whole step folder only
+    once every item is written)."""
+
+    def save(self, directory: epath.Path, args: IteratorSave) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        args.iterator.save(os.fspath(directory / f"process_{jax.process_index()}"))
+
+    def restore(self, directory: epath.Path, args: IteratorRestore) -> None:
+        prefix = directory / f"process_{jax.process_index()}"
+        if not (directory / f"process_{jax.process_index()}.index").exists():
+            raise FileNotFoundError(
+                f"{directory} holds no input position for process {jax.process_index()}: the checkpoint "
+                "was written by fewer processes; restore the model alone or start a fresh data pass"
+            )
+        args.iterator.restore(os.fspath(prefix))
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+    iterator: SavableIterator
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+    iterator: SavableIterator
+
+
+def training_manager(
+    workdir: str | os.PathLike,
+    *,
+    keep: int,
+    best_metric: str = "",
+    best_mode: str = "max",
+    async_save: bool = True,
+) -> ocp.CheckpointManager:
+    """The training run's checkpoints: the last `keep` steps, plus (with `best_metric`) the best
+    one by that evaluation metric. Saves are asynchronous: the arrays are copied off the device,
+    then written in the background while training goes on; a step folder appears under its final
+    name only when complete, so a crash mid-write never leaves a checkpoint that looks whole."""
+    if keep < 1:
+        raise ValueError(f"keep_checkpoints must be at least 1, got {keep}")
+    if best_mode not in ("max", "min"):
+        raise ValueError(f"checkpoint_best.mode must be 'max' or 'min', got {best_mode!r}")
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if best_metric:
+        policies.append(
+            ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric],
+                reverse=best_mode == "min",
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    return ocp.CheckpointManager(
+        epath.Path(workdir) / CHECKPOINT_DIR,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            create=True,
+        ),
+    )
+
+
+def save_training(
+    manager: ocp.CheckpointManager,
+    step: int,
+    model: Any,
+    train: Any,
+    iterator: SavableIterator | None = None,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Starts saving `step` (model variables, training state, input position); returns once the
+    arrays are off the device."""
+    items = {MODEL_ITEM: ocp.args.StandardSave(model), TRAIN_ITEM: ocp.args.StandardSave(train)}
+    if iterator is not None:
+        items[DATA_ITEM] = IteratorSave(iterator)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def restore_training(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_model: Any,
+    abstract_train: Any,
+    iterator: SavableIterator | None = None,
+) -> tuple[Any, Any]:
+    """(model, train) of `step` in the shardings of the abstract trees (any mesh); the iterator,
+    if given, is moved to the saved position."""
+    items = {
+        MODEL_ITEM: ocp.args.StandardRestore(abstract_model),
+        TRAIN_ITEM: ocp.args.StandardRestore(abstract_train),
+    }
+    if iterator is not None:
+        items[DATA_ITEM] = IteratorRestore(iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[MODEL_ITEM], restored[TRAIN_ITEM]

@@ -79,16 +79,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
     return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=(P(), P()))
 
 
-def create_train_state(
-    model: DualEncoder,
-    model_config: ml_collections.ConfigDict,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    rng: jax.Array,
-    rules: Any = None,
-) -> tuple[TrainState, TrainState]:
-    """The initial state, created directly in its shardings (never whole on one device), and
-    those shardings."""
+def make_init_fn(
+    model: DualEncoder, model_config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+) -> Callable[[jax.Array], TrainState]:
+    """`rng -> TrainState` at step 0 (pure, so it can be traced for shapes or jitted into shardings)."""
 
     def init(rng):
         params_rng, dropout_rng = jax.random.split(rng)
@@ -102,9 +96,36 @@ def create_train_state(
             rng=dropout_rng,
         )
 
-    abstract = jax.eval_shape(init, rng)
+    return init
+
+
+def abstract_train_state(
+    model: DualEncoder,
+    model_config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Any = None,
+) -> tuple[TrainState, TrainState]:
+    """Shapes, dtypes and shardings of the state without allocating it (a checkpoint restores
+    into these, whatever mesh wrote it), and the shardings alone."""
+    abstract = jax.eval_shape(make_init_fn(model, model_config, tx), jax.random.key(0))
     shardings = infer_shardings(abstract, mesh, rules or DEFAULT_RULES)
-    return jax.jit(init, out_shardings=shardings)(rng), shardings
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+
+def create_train_state(
+    model: DualEncoder,
+    model_config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+    rules: Any = None,
+) -> tuple[TrainState, TrainState]:
+    """The initial state, created directly in its shardings (never whole on one device), and
+    those shardings."""
+    _, shardings = abstract_train_state(model, model_config, tx, mesh, rules)
+    return jax.jit(make_init_fn(model, model_config, tx), out_shardings=shardings)(rng), shardings
 
 
 def _image_and_text_embeddings(model, params, batch_stats, batch, rng, train_image: bool, train_text: bool):
@@ -173,7 +194,7 @@ def make_train_step(
             loss=loss,
             temperature=state.params["temperature"],
             grad_norm=optax.tree.norm(grads),
-            param_norm=optax.tree.norm(state.params),
+            param_norm=optax.tree.norm(params),  # after the update: non-finite means a poisoned state
             learning_rate=schedule(state.step),
         )
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from align_jax import sharding
 from align_jax.input import demo_data, filters, image_ops, pipeline, readers
+from align_jax.input.text_ops import Tokenizer
 
 IMAGE_SIZE, TEXT_LENGTH = 32, 16
 
@@ -333,3 +334,71 @@ def test_drops_at_the_end_of_a_finite_pass_are_counted(tmp_path, vocab_path):
     ]
     assert [len(b["images"]) for b in batches] == [5, 0]  # the last batch only reports
     assert pipeline.skip_counts(batches[-1])["undecodable_image"] == 3
+
+
+# --- every caption, for retrieval evaluation ------------------------------------------------
+
+
+def _numpy_batches(ds) -> list[dict[str, np.ndarray]]:
+    return [{k: v.numpy() for k, v in b.items()} for b in ds]
+
+
+def test_all_captions_keeps_every_field_in_order_tokenized_separately(demo):
+    _, specs = demo
+    config = _config(specs["vocab"], captions={"txt": 1.0, "vecap": 1.0})
+    batches = _numpy_batches(_dataset(specs["eval"], config, batch_size=8, train=False, all_captions=True))
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    mask = np.concatenate([b["attention_mask"] for b in batches])
+    valid = np.concatenate([b["caption_valid"] for b in batches])
+    assert ids.shape == mask.shape == (24, 2, TEXT_LENGTH) and ids.dtype == mask.dtype == np.int32
+    assert valid.shape == (24, 2) and valid.dtype == bool
+
+    # Reference: the raw records in reading order, each field tokenized on its own; the alt-text
+    # field is subject to the 3..20 word filter, and a caption that fails it reads as empty text.
+    records = list(pipeline.read_records(specs["eval"], config, False, 0, 0, 1))
+    texts = {f: [r[f].numpy().decode() for r in records] for f in ("txt", "vecap")}
+    want_valid = np.stack([[3 <= len(t.split()) <= 20 for t in texts["txt"]], [True] * 24], axis=1)
+    np.testing.assert_array_equal(valid, want_valid)
+    tokenizer = Tokenizer(specs["vocab"], TEXT_LENGTH)
+    for column, field in enumerate(("txt", "vecap")):
+        kept = [text if ok else "" for text, ok in zip(texts[field], want_valid[:, column], strict=True)]
+        want_ids, want_mask = tokenizer(kept)
+        np.testing.assert_array_equal(ids[:, column], want_ids)
+        np.testing.assert_array_equal(mask[:, column], want_mask)
+
+    # Images are those of the one-caption pass.
+    single = _numpy_batches(_dataset(specs["eval"], config, batch_size=8, train=False))
+    np.testing.assert_array_equal(
+        np.concatenate([b["images"] for b in batches]), np.concatenate([b["images"] for b in single])
+    )
+
+
+def test_all_captions_marks_failed_captions_and_drops_examples_with_none(tmp_path, vocab_path):
+    image = _encode(np.full((20, 20, 3), 128, np.uint8), "PNG")
+    cases = [  # (image, txt, vecap) -> caption_valid, or None when the example is dropped
+        ((image, "", "a rich dog caption"), [False, True]),
+        ((image, "a photo of a cat", "   "), [True, False]),
+        ((image, b"caf\xe9 au lait here", "a blue bird"), [False, True]),
+        ((image, "a photo of a cat", "a blue bird"), [True, True]),
+        ((image, "", " "), None),
+        ((b"not an image", "a photo of a cat", "a blue bird"), None),
+    ]
+    records = [readers.encode_example(img, {"txt": txt, "vecap": vecap}) for (img, txt, vecap), _ in cases]
+    readers.write_tfrecords(records, str(tmp_path), 1)
+    config = _config(vocab_path, captions={"txt": 1.0, "vecap": 1.0})
+    batches = _numpy_batches(
+        _dataset(f"tfrecord:{tmp_path}/*.tfrecord", config, batch_size=16, train=False, all_captions=True)
+    )
+    valid = np.concatenate([b["caption_valid"] for b in batches])
+    np.testing.assert_array_equal(valid, [v for _, v in cases if v is not None])
+    ids = np.concatenate([b["input_ids"] for b in batches])
+    empty_ids, _ = Tokenizer(vocab_path, TEXT_LENGTH)([""])
+    np.testing.assert_array_equal(ids[~valid], np.repeat(empty_ids, (~valid).sum(), axis=0))
+    counts = pipeline.skip_counts(batches[-1])
+    assert counts["empty_caption"] == 1 and counts["undecodable_image"] == 1 and sum(counts.values()) == 2
+
+
+def test_all_captions_is_for_evaluation_only(demo):
+    _, specs = demo
+    with pytest.raises(ValueError, match="all_captions"):
+        _dataset(specs["train"], _config(specs["vocab"]), train=True, all_captions=True)

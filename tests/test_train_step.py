@@ -102,14 +102,15 @@ def setup():
 
 def assert_tree_close(actual, expected, rtol=1e-5):
     """Every leaf equal to rtol, with an absolute floor for elements near zero: rtol times the
-    leaf's largest value, and 1e-2 rtol times the tree's largest value (some gradients are zero
-    in exact arithmetic, e.g. a bias followed by BatchNorm, and float32 leaves noise there)."""
+    leaf's largest value, and 0.1 rtol times the tree's largest value (some gradients are zero
+    in exact arithmetic, e.g. a bias followed by BatchNorm: float32 leaves noise there, which
+    Adam then turns into updates of ~1e-7 whose sign depends on the summation order)."""
     flat_actual = jax.tree_util.tree_leaves_with_path(actual)
     flat_expected = [np.asarray(e) for e in jax.tree.leaves(expected)]
     assert len(flat_actual) == len(flat_expected)
     tree_scale = max(np.abs(e).max() for e in flat_expected)
     for (path, a), e in zip(flat_actual, flat_expected, strict=True):
-        atol = rtol * max(np.abs(e).max(), 1e-2 * tree_scale)
+        atol = rtol * max(np.abs(e).max(), 0.1 * tree_scale)
         np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 

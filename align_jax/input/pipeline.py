@@ -1,5 +1,6 @@
 """The host input pipeline: source -> per-process share -> shuffle -> filter -> decode ->
-augment -> caption choice -> batch -> tokenize -> global array on the mesh.
+augment -> caption choice (or, for retrieval evaluation, every caption) -> batch -> tokenize ->
+global array on the mesh.
 
 Bad examples never stop training: a check or a decode that fails drops the example, and every
 drop is counted by reason (`filters.SKIP_REASONS`; failures that raise inside tf.data are found
@@ -159,9 +160,8 @@ def image_fingerprint(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.strings.to_hash_bucket_fast(image_bytes, 2**63 - 1)
 
 
-def _caption_choice(examples, fields, weights, config, blocked_texts, seed):
-    """For a batch of examples: a reason code per caption field, then one valid caption per
-    example drawn by weight (fresh on every use: the draw is keyed by the running index)."""
+def _caption_codes(examples, fields, config, blocked_texts) -> tf.Tensor:
+    """A reason code per example and caption field, int32 `[n, fields]` (0: the caption is usable)."""
     codes = []
     for field in fields:
         code = filters.caption_reason(examples[field], field in config.filters.word_filter_fields, config.filters)
@@ -169,7 +169,18 @@ def _caption_choice(examples, fields, weights, config, blocked_texts, seed):
             blocked = blocked_texts.lookup(tf.io.encode_base64(examples[field])) > 0
             code = tf.where((code == 0) & blocked, filters.REASON_CODE["blocked_text"], code)
         codes.append(code)
-    codes = tf.stack(codes, axis=1)  # [n, fields]
+    return tf.stack(codes, axis=1)
+
+
+def _example_reasons(codes: tf.Tensor) -> tf.Tensor:
+    """An example with no usable caption is dropped for its first field's reason."""
+    return tf.where(tf.reduce_any(codes == 0, axis=1), 0, codes[:, 0])
+
+
+def _caption_choice(examples, fields, weights, config, blocked_texts, seed):
+    """For a batch of examples: one valid caption per example drawn by weight (fresh on every
+    use: the draw is keyed by the running index), and the example's reason code."""
+    codes = _caption_codes(examples, fields, config, blocked_texts)
     valid = tf.cast(codes == 0, tf.float32)
     usable = tf.reduce_any(valid > 0, axis=1)
     # With nothing usable any draw will do (the example is dropped).
@@ -179,8 +190,7 @@ def _caption_choice(examples, fields, weights, config, blocked_texts, seed):
     u = tf.random.stateless_uniform(tf.shape(usable), draw_seed)
     choice = tf.minimum(tf.reduce_sum(tf.cast(cumulative <= u[:, None], tf.int32), axis=1), len(fields) - 1)
     captions = tf.gather(tf.stack([examples[f] for f in fields], axis=1), choice, batch_dims=1)
-    reasons = tf.where(usable, 0, codes[:, 0])  # nothing usable: the first field's reason
-    return captions, reasons
+    return captions, _example_reasons(codes)
 
 
 def _count(state, element, num_reasons):
@@ -205,10 +215,19 @@ def make_dataset(
     seed: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    all_captions: bool = False,
 ) -> tf.data.Dataset:
     """Batches of this process's share: `images` uint8 `[b, S, S, 3]` (the model scales them to
     [-1, 1] on the device), `input_ids` and `attention_mask` int32 `[b, L]`, `skipped` int64
-    `[len(SKIP_REASONS)]` (cumulative)."""
+    `[len(SKIP_REASONS)]` (cumulative).
+
+    With `all_captions` (evaluation only: retrieval scores every caption of an image), no caption
+    is drawn: `input_ids` and `attention_mask` are `[b, F, L]` for the F fields of
+    `config.captions` in order, and `caption_valid` bool `[b, F]` marks the captions that pass
+    the caption filters (the others are tokenized as empty text). An example is kept when its
+    image passes and at least one caption is valid."""
+    if all_captions and train:
+        raise ValueError("all_captions=True is for evaluation; it needs train=False")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     fields = list(config.captions)
@@ -232,15 +251,21 @@ def make_dataset(
     ds = ds.enumerate()
 
     def check_captions(examples):
-        """Caption filters and the caption draw, vectorised over a block of examples."""
-        captions, reasons = _caption_choice(examples, fields, weights, config, blocked_texts, seed)
-        return dict(
-            index=examples["index"],
-            image=examples["image"],
-            caption=captions,
-            caption_reason=reasons,
-            end_marker=examples["end_marker"],
-        )
+        """Caption filters, then the caption draw (or every caption with its validity), vectorised
+        over a block of examples."""
+        out = dict(index=examples["index"], image=examples["image"], end_marker=examples["end_marker"])
+        if not all_captions:
+            out["caption"], out["caption_reason"] = _caption_choice(
+                examples, fields, weights, config, blocked_texts, seed
+            )
+            return out
+        codes = _caption_codes(examples, fields, config, blocked_texts)
+        valid = codes == 0
+        # A failed caption (possibly invalid UTF-8) must never reach the tokenizer.
+        out["caption"] = tf.where(valid, tf.stack([examples[f] for f in fields], axis=1), "")
+        out["caption_valid"] = valid
+        out["caption_reason"] = _example_reasons(codes)
+        return out
 
     ds = ds.map(lambda index, example: {**example, "index": index})
     ds = ds.batch(_CHECK_BLOCK).map(check_captions, num_parallel_calls=parallel, deterministic=True).unbatch()
@@ -264,9 +289,8 @@ def make_dataset(
             return image_ops.resize_and_center_crop(image_ops.decode_rgb(example["image"]), image_size)
 
         image = tf.cond(reason == 0, decode, lambda: tf.zeros((image_size, image_size, 3), tf.uint8))
-        return dict(
-            index=index, images=image, caption=example["caption"], reason=reason, end_marker=example["end_marker"]
-        )
+        out = dict(index=index, images=image, reason=reason)
+        return dict(out, **{k: example[k] for k in ("caption", "caption_valid", "end_marker") if k in example})
 
     ds = ds.map(check_and_decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
     init = (tf.constant(0, tf.int64), tf.zeros([num_reasons], tf.int64))
@@ -274,9 +298,13 @@ def make_dataset(
     ds = ds.filter(lambda e: e["reason"] == 0)
 
     def finish(batch):
-        ids, mask = tokenizer.tokenize(batch["caption"])
+        ids, mask = tokenizer.tokenize(tf.reshape(batch["caption"], [-1]))  # [b] or [b * F]
         skipped = batch["skipped"][-1]
         out = dict(images=batch["images"], input_ids=ids, attention_mask=mask)
+        if all_captions:
+            shape = [-1, len(fields), max_text_length]
+            out.update(input_ids=tf.reshape(ids, shape), attention_mask=tf.reshape(mask, shape))
+            out["caption_valid"] = batch["caption_valid"]
         if not train:
             keep = tf.logical_not(batch["end_marker"])
             out = {k: tf.boolean_mask(v, keep) for k, v in out.items()}

@@ -80,6 +80,7 @@ def efficientnet_config(variant: str, **overrides: Any) -> ml_collections.Config
             drop_connect_rate=0.2,
             drop_connect_mode="per_example",
             bn_group_size=None,
+            depthwise_impl="auto",
         )
     )
     config.update(overrides)
@@ -162,6 +163,61 @@ def depthwise_padding(kernel_size: int, stride: int, adjust: bool) -> tuple[tupl
     return (pad, pad)
 
 
+DEPTHWISE_IMPLS = ("auto", "conv", "shifted_sum")
+
+
+def shifted_sum_depthwise(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], ...]
+) -> jax.Array:
+    """Depthwise convolution as a sum of k*k strided shifted slices times per-channel weights:
+    the same result as a grouped convolution, but XLA's CPU backend fuses it into a few loops
+    where its grouped-convolution lowering is 10x slower forward and 3-8x with gradients
+    (benchmarks/RESULTS.md)."""
+    k_h, k_w = kernel.shape[:2]
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_h = (x.shape[1] - k_h) // stride + 1
+    out_w = (x.shape[2] - k_w) // stride + 1
+    out = None
+    for i in range(k_h):
+        for j in range(k_w):
+            window = x[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
+            term = window * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """A depthwise convolution with `nn.Conv`'s parameter layout (`kernel [k, k, 1, C]`), so
+    checkpoints and the HF importer are the same whichever implementation runs."""
+
+    kernel_size: int
+    stride: int
+    padding: tuple[tuple[int, int], ...]
+    impl: str = "auto"  # 'conv' (XLA grouped convolution), 'shifted_sum', or 'auto' (shifted on CPU)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {self.impl!r}")
+        channels = x.shape[-1]
+        kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, channels), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        impl = self.impl
+        if impl == "auto":
+            impl = "shifted_sum" if jax.default_backend() == "cpu" else "conv"
+        if impl == "shifted_sum":
+            return shifted_sum_depthwise(x, kernel, self.stride, self.padding)
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (self.stride, self.stride),
+            self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=channels,
+        )
+
+
 class DropConnect(nn.Module):
     """Residual-branch dropout: whole examples ('per_example', stochastic depth as in the
     original EfficientNet) or single elements ('elementwise', as HF's port does)."""
@@ -186,6 +242,7 @@ class MBConvBlock(nn.Module):
     bn_epsilon: float
     bn_group_size: int | None
     drop_connect_mode: str
+    depthwise_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -207,15 +264,12 @@ class MBConvBlock(nn.Module):
             width = spec.in_dim * spec.expand_ratio
             x = dense(width, use_bias=False, name="expand_conv")(x)
             x = act(norm(name="expand_bn")(x))
-        x = nn.Conv(
-            width,
-            (spec.kernel_size, spec.kernel_size),
-            strides=spec.stride,
-            padding=depthwise_padding(spec.kernel_size, spec.stride, spec.adjust_padding),
-            feature_group_count=width,
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=conv_init,
+        x = DepthwiseConv(
+            spec.kernel_size,
+            spec.stride,
+            depthwise_padding(spec.kernel_size, spec.stride, spec.adjust_padding),
+            self.depthwise_impl,
+            self.dtype,
             name="depthwise_conv",
         )(x)
         x = act(norm(name="depthwise_bn")(x))
@@ -254,6 +308,7 @@ class EfficientNet(nn.Module):
     drop_connect_rate: float = 0.2
     drop_connect_mode: str = "per_example"
     bn_group_size: int | None = None  # None: statistics over the whole batch; else per group
+    depthwise_impl: str = "auto"  # see DepthwiseConv
     dtype: Any = jnp.float32
 
     def blocks(self) -> tuple[BlockSpec, ...]:
@@ -317,6 +372,7 @@ class EfficientNet(nn.Module):
                 self.bn_epsilon,
                 self.bn_group_size,
                 self.drop_connect_mode,
+                self.depthwise_impl,
                 self.dtype,
                 name=f"block_{i}",
             )(x, train)

@@ -1,0 +1,142 @@
+"""The training config: every field with its default (ALIGN's recipe), and the checks that run
+before training so a wrong value fails in seconds, naming the field, instead of hours in.
+
+Config files in `configs/` start from `base_config()` and change only what differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+import tensorflow as tf
+
+from align_jax import optim, sharding, train_step
+from align_jax.input import pipeline, readers
+from align_jax.input.text_ops import read_vocab
+from align_jax.models import build_model, presets
+
+EVALUATORS = ("retrieval",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """ALIGN-base as in the paper (section 5): EfficientNet-B7 + BERT-base at 289 px, 640-d
+    embeddings, global batch 16384, LAMB at 1e-3 with 10k warmup steps and linear decay to 0 at
+    1.2M steps, weight decay 1e-5, label smoothing 0.1, temperature initialised at 1.0."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameters, dropout and the input pipeline's shuffles, crops and caption draws
+    config.batch_size = 16384  # global, over all devices and processes
+    config.total_steps = 1_200_000
+    # Device mesh: (axis, size) pairs; one size may be -1 (the remaining devices). The default uses
+    # every device for data parallelism, so one command runs on 1 or N devices.
+    config.mesh = (("data", -1), ("fsdp", 1))
+    config.model = presets.align_base()
+    config.data = pipeline.default_config()
+    config.optimizer = optim.default_config()
+    config.loss = train_step.default_loss_config()
+
+    config.log_every = 100  # steps between console / TensorBoard / JSONL lines
+    config.checkpoint_every = 1000  # steps between (asynchronous) checkpoints
+    config.keep_checkpoints = 3  # the most recent ones kept
+    # Also keep the best checkpoint by an evaluation metric ('' = off), e.g. "retrieval/i2t_r1".
+    config.checkpoint_best = ml_collections.ConfigDict(dict(metric="", mode="max"))
+    config.eval_every = 10_000  # steps between evaluations (0: only at the end); needs config.evals
+    config.evals = ml_collections.ConfigDict()  # name -> evaluator config (see retrieval_eval)
+    # jax.profiler trace of steps [start_step, start_step + num_steps) into WORKDIR/profile (-1: off).
+    config.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=5))
+    # Peak FLOP/s of one device for the MFU estimate; 0 looks the device up (known TPUs and GPUs).
+    config.device_peak_flops = 0.0
+    return config
+
+
+def retrieval_eval(**overrides) -> ml_collections.ConfigDict:
+    """An image<->text retrieval evaluator on the held-out split (`data.eval` unless `data` is set)."""
+    config = ml_collections.ConfigDict(
+        dict(
+            type="retrieval",
+            data="",  # source spec; '' = data.eval
+            caption_fields=(),  # caption fields per image (several allowed); () = data.captions
+            batch_size=0,  # global; 0 = the training batch size
+            max_examples=0,  # 0 = the whole split
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def _check_source(spec: str, field: str, config: ml_collections.ConfigDict) -> None:
+    _check(bool(spec), field, "no data source given (e.g. tfrecord:/data/shards-*.tfrecord)")
+    try:
+        sources = readers.parse_spec(spec)
+        for source in sources:
+            if source.kind == "tfrecord":
+                readers.tfrecord_files(source.path)
+            elif source.kind == "csv":
+                _check(tf.io.gfile.exists(source.path), field, f"CSV file not found: {source.path}")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"config.{field}: {e}") from e
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1) -> None:
+    """Raises `ConfigError` naming the first field that cannot work on this machine."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    for field in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        value = config.get(field)
+        _check(isinstance(value, int) and value > 0, field, f"must be a positive integer, got {value!r}")
+    _check(config.eval_every >= 0, "eval_every", f"must be >= 0, got {config.eval_every}")
+
+    try:
+        build_model(config.model)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"config.model: {e}") from e
+
+    try:
+        shape = sharding.mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from e
+    _check(
+        all(axis in shape for axis in sharding.BATCH_AXES),
+        "mesh",
+        f"needs the axes {sharding.BATCH_AXES}, got {tuple(shape)}",
+    )
+    data_parallel = math.prod(shape[a] for a in sharding.BATCH_AXES)
+    _check(
+        config.batch_size % data_parallel == 0,
+        "batch_size",
+        f"{config.batch_size} is not divisible by the {data_parallel} devices of the data axes {dict(shape)}",
+    )
+    _check(
+        config.batch_size % process_count == 0,
+        "batch_size",
+        f"{config.batch_size} is not divisible by the {process_count} processes",
+    )
+
+    try:
+        optim.make_optimizer(config.optimizer, config.total_steps)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}" if str(e).startswith("optimizer.") else f"config.optimizer: {e}") from e
+    _check(config.loss.kind in train_step.LOSSES, "loss.kind", f"must be one of {train_step.LOSSES}")
+
+    _check_source(config.data.train, "data.train", config)
+    _check(bool(config.data.vocab), "data.vocab", "no WordPiece vocab file given")
+    try:
+        read_vocab(config.data.vocab)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"config.data.vocab: {e}") from e
+
+    for name, evaluator in config.evals.items():
+        _check(evaluator.get("type") in EVALUATORS, f"evals.{name}.type", f"must be one of {EVALUATORS}")
+        spec = evaluator.get("data") or config.data.eval
+        _check_source(spec, f"evals.{name}.data" if evaluator.get("data") else "data.eval", config)
+    if config.checkpoint_best.metric:
+        _check(bool(config.evals), "checkpoint_best.metric", "needs an evaluator in config.evals")

@@ -1,0 +1,401 @@
+"""The training program.
+
+    python -m align_jax.train --config configs/NAME.py --workdir DIR [--config.batch_size=256 ...]
+
+One command on 1 or N devices: it validates the config, restores the latest complete checkpoint
+in DIR (model, optimizer, input position) or starts fresh, trains with periodic logging,
+evaluation and asynchronous checkpoints, and on SIGTERM/SIGINT finishes the step, saves and
+exits 0 so the next launch resumes. A non-finite loss, gradient or parameter stops the run
+without saving over the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from align_jax import checkpointing, perf
+from align_jax import config as config_lib
+from align_jax.evaluators import RetrievalEvaluator
+from align_jax.input import demo_data, filters, pipeline
+from align_jax.input.text_ops import read_vocab
+from align_jax.metric_writer import MetricWriter
+from align_jax.models import build_model
+from align_jax.optim import make_optimizer
+from align_jax.sharding import make_mesh
+from align_jax.train_step import TrainState, abstract_train_state, make_init_fn, make_train_step
+
+log = logging.getLogger("align_jax.train")
+logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+VOCAB_FILE = "vocab.txt"  # the workdir's copy; config.json names it relative to the workdir
+DEMO_DATA_DIR = "demo_data"
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, the gradients or the updated parameters stopped being finite."""
+
+
+def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
+    """Resolves what the config leaves to the run (demo data, the vocab size) and validates it."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.get("demo_data") and not config.data.train:
+        # The embedded demo dataset is generated on first use, inside the workdir.
+        demo = config.demo_data
+        output = workdir / DEMO_DATA_DIR
+        specs = dict(
+            train=f"tfrecord:{output / 'train-*.tfrecord'}",
+            eval=f"tfrecord:{output / 'eval-*.tfrecord'}",
+            vocab=str(output / "vocab.txt"),
+        )
+        if jax.process_index() == 0 and not (output / "vocab.txt").exists():
+            log.info("writing the demo dataset (%d train, %d eval images) to %s", demo.num_train, demo.num_eval, output)
+            demo_data.write(str(output), demo.num_train, demo.num_eval, demo.num_shards, demo.seed, demo.image_size)
+        config.data.train = specs["train"]
+        config.data.eval = config.data.eval or specs["eval"]
+        config.data.vocab = config.data.vocab or specs["vocab"]
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    # The text tower's vocabulary follows the vocab file.
+    config.model.text.vocab_size = len(read_vocab(config.data.vocab))
+    return config
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """config.json plus a copy of the vocab, so the workdir alone is a usable model."""
+    (workdir / VOCAB_FILE).write_text(epath.Path(config.data.vocab).read_text())
+    saved = ml_collections.ConfigDict(config.to_dict())
+    saved.data.vocab = VOCAB_FILE
+    path = workdir / checkpointing.CONFIG_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = _changed_fields(previous, saved.to_dict())
+        if changed:
+            log.warning("config differs from the one saved in %s: %s", path, ", ".join(changed))
+    checkpointing.save_config(workdir, saved)
+
+
+def _changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [f for k in keys for f in _changed_fields(old.get(k), new.get(k), f"{prefix}{k}.")]
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = json.loads(json.dumps(old)), json.loads(json.dumps(new))
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag that the loop reads between steps (a second SIGINT aborts)."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.signal_name)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def build_evaluators(config: ml_collections.ConfigDict, model, mesh) -> dict[str, Any]:
+    evaluators = {}
+    for name, cfg in config.evals.items():
+        if cfg.type == "retrieval":
+            evaluators[name] = RetrievalEvaluator(
+                model,
+                mesh,
+                data_spec=cfg.data or config.data.eval,
+                data_config=config.data,
+                image_size=config.model.image_size,
+                max_text_length=config.model.max_text_length,
+                batch_size=cfg.batch_size or config.batch_size,
+                caption_fields=tuple(cfg.caption_fields) or None,
+                max_examples=cfg.max_examples,
+                prefix=name,
+            )
+    return evaluators
+
+
+def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
+    values = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "param_norm")})
+    what = {"loss": "the loss", "grad_norm": "the gradient norm", "param_norm": "the updated parameters' norm"}
+    for name, value in values.items():
+        if not np.isfinite(value):
+            kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was saved"
+            raise NonFiniteError(f"step {step}: {what[name]} is {float(value)}; stopping without saving ({kept})")
+
+
+def _skipped(batch: dict) -> dict[str, float]:
+    counts = np.asarray(batch["skipped"], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, counts.shape[-1]).sum(0)
+    out = {f"skipped/{name}": float(n) for name, n in zip(filters.SKIP_REASONS, counts, strict=True)}
+    out["skipped/total"] = float(counts.sum())
+    return out
+
+
+def _split_state(state: TrainState) -> tuple[dict, dict]:
+    """Checkpoint items: the model (what inference restores) and the rest of the training state."""
+    model = {"params": state.params, "batch_stats": state.batch_stats}
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}
+    return model, train
+
+
+def _join_state(model: dict, train: dict, rng_impl) -> TrainState:
+    return TrainState(
+        step=train["step"],
+        params=model["params"],
+        batch_stats=model["batch_stats"],
+        opt_state=train["opt_state"],
+        rng=jax.random.wrap_key_data(train["rng"], impl=rng_impl),
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains to `config.total_steps` (resuming if DIR has checkpoints); returns the last
+    evaluation's metrics with the step."""
+    workdir = epath.Path(workdir).expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = prepare_config(config, workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        save_run_config(config, workdir)
+
+    mesh = make_mesh(config.mesh)
+    model = build_model(config.model)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    abstract, shardings = abstract_train_state(model, config.model, tx, mesh)
+    local_batch = config.batch_size // jax.process_count()
+    dataset = pipeline.make_dataset(
+        config.data.train,
+        config.data,
+        image_size=config.model.image_size,
+        max_text_length=config.model.max_text_length,
+        batch_size=local_batch,
+        train=True,
+        seed=config.seed,
+    )
+    iterator = pipeline.DataIterator(dataset)
+    manager = checkpointing.training_manager(
+        workdir,
+        keep=config.keep_checkpoints,
+        best_metric=config.checkpoint_best.metric,
+        best_mode=config.checkpoint_best.mode,
+    )
+    writer = None
+    stop = StopRequest()
+    try:
+        start = manager.latest_step()
+        if start is None:
+            state = jax.jit(make_init_fn(model, config.model, tx), out_shardings=shardings)(jax.random.key(config.seed))
+            start = 0
+            log.info("starting a new run in %s on %d device(s), mesh %s", workdir, jax.device_count(), dict(mesh.shape))
+        else:
+            abstract_model, abstract_train = _split_state(abstract)
+            abstract_train["rng"] = jax.ShapeDtypeStruct(
+                jax.eval_shape(jax.random.key_data, abstract.rng).shape, np.uint32, sharding=shardings.rng
+            )
+            restored = checkpointing.restore_training(manager, start, abstract_model, abstract_train, iterator)
+            state = _join_state(*restored, rng_impl=jax.random.key_impl(abstract.rng))
+            log.info("resumed from the checkpoint of step %d in %s (mesh %s)", start, workdir, dict(mesh.shape))
+        writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
+        step_fn = make_train_step(model, config.loss, tx, schedule, mesh, shardings, config.optimizer.freeze)
+        evaluators = build_evaluators(config, model, mesh)
+        return _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators, stop, mesh, start)
+    finally:
+        stop.restore()
+        manager.wait_until_finished()  # an async save in flight is completed, never abandoned
+        manager.close()
+        if writer is not None:
+            writer.close()
+
+
+def _evaluate(evaluators, state, writer, step) -> dict[str, float]:
+    results = {}
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    for name, evaluator in evaluators.items():
+        start = time.perf_counter()
+        metrics = evaluator.run(variables)
+        log.info("eval %s at step %d (%.1fs): %s", name, step, time.perf_counter() - start, _format(metrics))
+        results.update(metrics)
+    if results:
+        writer.write(step, results)
+    return results
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators, stop, mesh, start):
+    total = config.total_steps
+    num_devices = jax.device_count()
+    peak = config.device_peak_flops or perf.device_peak_flops()
+    flops = None
+    last_saved = manager.latest_step()
+    eval_results: dict[str, float] = {}
+    pending = None  # (step, device metrics) of the last step, checked for NaN one step late
+    interval: list[dict] = []
+    timed_steps, timed_seconds = 0, 0.0
+    profiling = False
+    done = start
+    tic = time.perf_counter()
+
+    def save(step, metrics=None):
+        nonlocal last_saved
+        if step == last_saved:
+            return
+        model_vars, train_vars = _split_state(state)
+        checkpointing.save_training(manager, step, model_vars, train_vars, iterator, metrics)
+        last_saved = step
+
+    for step in range(start, total):
+        if step == config.profile.start_step and config.profile.num_steps > 0:
+            jax.profiler.start_trace(str(workdir / "profile"))
+            profiling = True
+        batch = next(iterator)
+        global_batch = pipeline.to_global_batch(batch, mesh)
+        if flops is None:
+            flops = perf.step_flops(step_fn.jitted.lower(state, global_batch)) or 0.0
+        state, metrics = step_fn(state, global_batch)
+        if pending is not None:  # the previous step's values: waits for it, not for this one
+            _check_finite(*pending, last_saved)
+        done = step + 1
+        pending = (done, metrics)
+        interval.append(metrics)
+        if done == start + 1:  # the first step of a launch includes compilation
+            jax.block_until_ready(metrics)
+            log.info("first step done in %.1fs (compilation included)", time.perf_counter() - tic)
+            interval, tic = [], time.perf_counter()
+        else:
+            timed_steps += 1
+        if profiling and done >= config.profile.start_step + config.profile.num_steps:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            profiling = False
+            log.info("profile of steps %d-%d written to %s", config.profile.start_step, done - 1, workdir / "profile")
+
+        if done % config.log_every == 0 or done == total:
+            _check_finite(*pending, last_saved)
+            timed_seconds += time.perf_counter() - tic
+            values = (
+                {k: float(np.mean(jax.device_get([m[k] for m in interval]))) for k in interval[0]} if interval else {}
+            )
+            step_time = timed_seconds / timed_steps if timed_steps else float("nan")
+            values.update(
+                step_time=step_time,
+                images_per_s=config.batch_size / step_time,
+                images_per_s_per_device=config.batch_size / step_time / num_devices,
+                **_skipped(batch),
+            )
+            utilisation = perf.mfu(flops, step_time, num_devices, peak)
+            if utilisation is not None:
+                values["mfu"] = utilisation
+            writer.write(done, values)
+            eta = perf.format_duration(step_time * (total - done)) if timed_steps else "?"
+            log.info(
+                "step %d/%d  loss %.4f  lr %.3g  %.3fs/step  %.1f img/s (%.1f/device)%s  skipped %d  ETA %s",
+                done,
+                total,
+                values.get("loss", float("nan")),
+                values.get("learning_rate", float("nan")),
+                step_time,
+                values["images_per_s"],
+                values["images_per_s_per_device"],
+                f"  MFU {utilisation:.1%}" if utilisation is not None else "",
+                values["skipped/total"],
+                eta,
+            )
+            interval, timed_steps, timed_seconds = [], 0, 0.0
+            tic = time.perf_counter()
+
+        evaluated = False
+        if evaluators and ((config.eval_every and done % config.eval_every == 0) or done == total):
+            _check_finite(*pending, last_saved)
+            eval_results = _evaluate(evaluators, state, writer, done)
+            evaluated = True
+        stopping = stop.agreed()
+        if done % config.checkpoint_every == 0 or done == total or stopping:
+            _check_finite(*pending, last_saved)
+            save(done, eval_results if evaluated and config.checkpoint_best.metric else None)
+        if evaluated or done % config.checkpoint_every == 0:
+            tic = time.perf_counter()  # evaluation and the save's device-to-host copy are not step time
+        if stopping:
+            manager.wait_until_finished()
+            log.info("stopped by %s after step %d; checkpoint saved, relaunch to resume", stop.signal_name, done)
+            return dict(eval_results, step=done, stopped=True)
+
+    if profiling:
+        jax.profiler.stop_trace()
+    if start >= total:
+        log.info("the checkpoint in %s is already at total_steps=%d", workdir, total)
+        if evaluators:
+            eval_results = _evaluate(evaluators, state, writer, done)
+    manager.wait_until_finished()
+    return dict(eval_results, step=done)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    config = FLAGS.config
+    try:
+        result = train_and_evaluate(config, FLAGS.workdir)
+    except (config_lib.ConfigError, NonFiniteError) as e:
+        log.error("%s", e)
+        sys.exit(1)
+    print(json.dumps(result, sort_keys=True))
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/NAME.py)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and config.json (resumed if it has them)")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return flags.FLAGS
+
+
+FLAGS = None
+
+
+def run() -> None:
+    """Console script `align-train`."""
+    global FLAGS
+    from absl import app
+
+    FLAGS = _define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
