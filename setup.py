@@ -44,6 +44,7 @@ setup(
     entry_points={
         "console_scripts": [
             "align-convert-hf=align_jax.tools.convert_hf:main",
+            "align-train=align_jax.train:run",
         ],
     },
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -36,7 +37,6 @@ from align_jax.sharding import make_mesh
 from align_jax.train_step import TrainState, abstract_train_state, make_init_fn, make_train_step
 
 log = logging.getLogger("align_jax.train")
-logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
 VOCAB_FILE = "vocab.txt"  # the workdir's copy; config.json names it relative to the workdir
 DEMO_DATA_DIR = "demo_data"
 
@@ -291,10 +291,10 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
         done = step + 1
         pending = (done, metrics)
         interval.append(metrics)
-        if done == start + 1:  # the first step of a launch includes compilation
+        if done == start + 1:  # the first step of a launch includes compilation: not timed
             jax.block_until_ready(metrics)
             log.info("first step done in %.1fs (compilation included)", time.perf_counter() - tic)
-            interval, tic = [], time.perf_counter()
+            tic = time.perf_counter()
         else:
             timed_steps += 1
         if profiling and done >= config.profile.start_step + config.profile.num_steps:
@@ -306,37 +306,41 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
         if done % config.log_every == 0 or done == total:
             _check_finite(*pending, last_saved)
             timed_seconds += time.perf_counter() - tic
-            values = (
-                {k: float(np.mean(jax.device_get([m[k] for m in interval]))) for k in interval[0]} if interval else {}
-            )
-            step_time = timed_seconds / timed_steps if timed_steps else float("nan")
-            values.update(
-                step_time=step_time,
-                images_per_s=config.batch_size / step_time,
-                images_per_s_per_device=config.batch_size / step_time / num_devices,
-                **_skipped(batch),
-            )
-            utilisation = perf.mfu(flops, step_time, num_devices, peak)
-            if utilisation is not None:
-                values["mfu"] = utilisation
+            fetched = jax.device_get(interval)
+            values = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            values.update(_skipped(batch))
+            step_time = timed_seconds / timed_steps if timed_steps else None
+            utilisation = None
+            if step_time:
+                values.update(
+                    step_time=step_time,
+                    images_per_s=config.batch_size / step_time,
+                    images_per_s_per_device=config.batch_size / step_time / num_devices,
+                )
+                utilisation = perf.mfu(flops, step_time, num_devices, peak)
+                if utilisation is not None:
+                    values["mfu"] = utilisation
             writer.write(done, values)
-            eta = perf.format_duration(step_time * (total - done)) if timed_steps else "?"
+            speed = (
+                f"{step_time:.3f}s/step  {values['images_per_s']:.1f} img/s ({values['images_per_s_per_device']:.1f}"
+                f"/device){f'  MFU {utilisation:.1%}' if utilisation is not None else ''}"
+                f"  ETA {perf.format_duration(step_time * (total - done))}"
+                if step_time
+                else "(timing from the next interval)"
+            )
             log.info(
-                "step %d/%d  loss %.4f  lr %.3g  %.3fs/step  %.1f img/s (%.1f/device)%s  skipped %d  ETA %s",
+                "step %d/%d  loss %.4f  lr %.3g  %s  skipped %d",
                 done,
                 total,
-                values.get("loss", float("nan")),
-                values.get("learning_rate", float("nan")),
-                step_time,
-                values["images_per_s"],
-                values["images_per_s_per_device"],
-                f"  MFU {utilisation:.1%}" if utilisation is not None else "",
+                values["loss"],
+                values["learning_rate"],
+                speed,
                 values["skipped/total"],
-                eta,
             )
             interval, timed_steps, timed_seconds = [], 0, 0.0
             tic = time.perf_counter()
 
+        paused = time.perf_counter()  # evaluation and the save's device-to-host copy are not step time
         evaluated = False
         if evaluators and ((config.eval_every and done % config.eval_every == 0) or done == total):
             _check_finite(*pending, last_saved)
@@ -346,8 +350,7 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
         if done % config.checkpoint_every == 0 or done == total or stopping:
             _check_finite(*pending, last_saved)
             save(done, eval_results if evaluated and config.checkpoint_best.metric else None)
-        if evaluated or done % config.checkpoint_every == 0:
-            tic = time.perf_counter()  # evaluation and the save's device-to-host copy are not step time
+        tic += time.perf_counter() - paused
         if stopping:
             manager.wait_until_finished()
             log.info("stopped by %s after step %d; checkpoint saved, relaunch to resume", stop.signal_name, done)
@@ -363,9 +366,20 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
     return dict(eval_results, step=done)
 
 
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache (default ~/.cache/align_jax/xla; ALIGN_JAX_COMPILE_CACHE overrides, ''
+    disables): a relaunch after preemption skips recompiling the step."""
+    path = os.environ.get("ALIGN_JAX_COMPILE_CACHE", os.path.expanduser("~/.cache/align_jax/xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
+    enable_compilation_cache()
     config = FLAGS.config
     try:
         result = train_and_evaluate(config, FLAGS.workdir)

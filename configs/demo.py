@@ -14,16 +14,24 @@ from align_jax.models import presets
 def get_config():
     config = base_config()
     config.model = presets.tiny()
+    config.model.max_text_length = 24  # the rich captions run to ~20 tokens
+    # ALIGN's temperature init of 1.0 needs hundreds of steps to come down; the demo has 1200.
+    config.model.temperature_init = 0.1
     config.demo_data = ml_collections.ConfigDict(
         dict(num_train=4096, num_eval=512, num_shards=8, image_size=96, seed=0)
     )
     # Demo images are 96 px: ALIGN's 200 px minimum would drop them all.
     config.data.filters.min_image_side = 32
     config.data.captions = {"txt": 0.5, "vecap": 0.5}
+    config.data.random_flip = False  # the captions say left and right
     config.data.shuffle_buffer = 2_048
     config.batch_size = 64
     config.total_steps = 1_200
+    # LAMB's layer-wise trust ratio suits ALIGN's 16k batches; for a tiny model at batch 64 AdamW
+    # learns in far fewer steps (in-batch top-1 at step 300: 8% against LAMB's 3%).
+    config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 2e-3
+    config.optimizer.weight_decay = 1e-4
     config.optimizer.warmup_steps = 100
     config.log_every = 50
     config.checkpoint_every = 400

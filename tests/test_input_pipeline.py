@@ -402,3 +402,18 @@ def test_all_captions_is_for_evaluation_only(demo):
     _, specs = demo
     with pytest.raises(ValueError, match="all_captions"):
         _dataset(specs["train"], _config(specs["vocab"]), train=True, all_captions=True)
+
+
+def test_training_crops_without_flip_keep_the_orientation():
+    image = np.zeros((80, 80, 3), np.uint8)
+    image[:, :40] = 255  # left half white: a mirror image is easy to tell
+    data = tf.io.encode_png(image)
+    crops = {
+        flip: [
+            image_ops.decode_random_crop(data, 32, 40, tf.constant([0, i], tf.int64), flip=flip).numpy()
+            for i in range(8)
+        ]
+        for flip in (True, False)
+    }
+    assert all(c[:, :4].mean() > 200 and c[:, -4:].mean() < 50 for c in crops[False])
+    assert any(c[:, :4].mean() < 50 for c in crops[True])  # some flipped

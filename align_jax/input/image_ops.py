@@ -127,7 +127,12 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def decode_random_crop(
-    data: tf.Tensor, image_size: int, resize_size: int, seed: tf.Tensor, height_width: tf.Tensor | None = None
+    data: tf.Tensor,
+    image_size: int,
+    resize_size: int,
+    seed: tf.Tensor,
+    height_width: tf.Tensor | None = None,
+    flip: bool = True,
 ) -> tf.Tensor:
     """ALIGN/coyo training augmentation from encoded bytes -> uint8 `[image_size, image_size, 3]`.
 
@@ -136,7 +141,7 @@ def decode_random_crop(
     fraction, 289/346, of each side), decode only that (JPEG: `decode_and_crop_jpeg`, or a 2x/4x/8x
     DCT-domain downscale when the image is large enough), and resize only the crop. Stateless:
     `seed` ([2] int) fixes the draw. `height_width`: the size from `image_size_from_header`, if
-    the caller has it already.
+    the caller has it already. `flip=False` keeps the orientation (captions that say left/right).
     """
     fraction = image_size / resize_size
     window_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -171,4 +176,4 @@ def decode_random_crop(
     crop.set_shape([None, None, 3])
     # Resize straight from uint8 (no float copy of the crop); flip the small uint8 result.
     image = _to_uint8(_resize(crop, image_size))
-    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed) if flip else image

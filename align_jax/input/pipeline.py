@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
             tfds_data_dir="",
             tfds_image_key="image",
             resize_size=0,  # training resize before the random crop; 0: 346/289 of image_size
+            random_flip=True,  # ALIGN flips; turn off when captions name left and right
             shuffle_buffer=10_000,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
             prefetch=2,
@@ -285,7 +286,9 @@ def make_dataset(
         def decode():
             if train:
                 crop_seed = tf.stack([tf.cast(seed, tf.int64), index])
-                return image_ops.decode_random_crop(example["image"], image_size, resize_size, crop_seed, height_width)
+                return image_ops.decode_random_crop(
+                    example["image"], image_size, resize_size, crop_seed, height_width, config.random_flip
+                )
             return image_ops.resize_and_center_crop(image_ops.decode_rgb(example["image"]), image_size)
 
         image = tf.cond(reason == 0, decode, lambda: tf.zeros((image_size, image_size, 3), tf.uint8))

@@ -1,0 +1,299 @@
+"""The training program end to end on demo data: resume after SIGKILL and SIGTERM, restore onto
+other meshes, 1 vs 8 devices, config errors, NaN stops, logs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from align_jax import checkpointing, train
+from align_jax import config as config_lib
+from align_jax.input import demo_data
+from align_jax.input.readers import encode_example, write_tfrecords
+from align_jax.metric_writer import read_metrics
+from align_jax.models import build_model, init_variables
+from align_jax.optim import make_optimizer
+from align_jax.sharding import make_mesh
+from align_jax.train_step import abstract_train_state
+from tests import train_config
+from tests.test_train_step import assert_tree_close
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, "tests", "train_config.py")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("demo"))
+    demo_data.write(path, num_train=192, num_eval=24, num_shards=4, image_size=64)
+    # A fifth shard of undecodable images: training skips and counts them.
+    texts = dict(txt="a red circle photo", vecap="a small red circle on the left, on a white background")
+    bad = [encode_example(data, texts) for data in (b"", b"\xff\xd8\xff\xe0 truncated", b"not an image", b"GIF89a")]
+    write_tfrecords(bad, path, 1, "train-bad")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir, tmp_path_factory):
+    """An uninterrupted 6-step run on 8 devices (in this process) with a final evaluation."""
+    workdir = tmp_path_factory.mktemp("reference")
+    config = train_config.get_config(demo_dir)
+    config.profile.start_step, config.profile.num_steps = 2, 1  # tracing does not change the numbers
+    result = train.train_and_evaluate(config, str(workdir))
+    return dict(workdir=workdir, result=result)
+
+
+def _model_variables(workdir, step=None):
+    config = checkpointing.load_config(workdir)
+    model = build_model(config.model)
+    shapes = jax.eval_shape(lambda: init_variables(model, config.model, jax.random.key(0)))
+    return checkpointing.restore_model(workdir, checkpointing.abstract_on_device(shapes), step)
+
+
+def _assert_bitwise_equal(a, b):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def _command(demo_dir, workdir, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "align_jax.train",
+        f"--config={CONFIG_FILE}:{demo_dir}",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+
+
+def _env(device_count=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = REPO
+    env.setdefault("ALIGN_JAX_COMPILE_CACHE", jax.config.jax_compilation_cache_dir or "")
+    return env
+
+
+def _run(command, env=None, timeout=600):
+    proc = subprocess.run(command, env=env or _env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_run_writes_checkpoints_config_vocab_and_evaluates(reference):
+    workdir, result = reference["workdir"], reference["result"]
+    assert result["step"] == 6
+    assert 0.0 <= result["retrieval/i2t_r1"] <= 1.0 and result["retrieval/num_images"] == 24
+    with checkpointing.checkpoint_manager(workdir, read_only=True) as manager:
+        assert manager.all_steps() == [3, 6]
+    saved = checkpointing.load_config(workdir)
+    assert saved.data.vocab == "vocab.txt" and (workdir / "vocab.txt").exists()
+    # The text tower's vocabulary follows the vocab file.
+    assert saved.model.text.vocab_size == len((workdir / "vocab.txt").read_text().splitlines())
+
+
+def test_profile_trace_is_written(reference):
+    assert list((reference["workdir"] / "profile").rglob("*.xplane.pb"))
+
+
+def test_jsonl_and_tensorboard_hold_the_training_scalars(reference):
+    records = read_metrics(reference["workdir"])
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5, 6]
+    expected = {"loss", "learning_rate", "step_time", "images_per_s", "images_per_s_per_device", "skipped/total"}
+    assert expected <= set(train_records[-1])
+    assert all(np.isfinite(r["loss"]) for r in train_records)
+    # The input filters' skip counts reach the training metrics (the bad shard's images).
+    assert train_records[-1]["skipped/undecodable_image"] > 0
+    assert train_records[-1]["skipped/total"] == train_records[-1]["skipped/undecodable_image"]
+    assert any("retrieval/t2i_r5" in r for r in records)
+
+    tags = set()
+    for path in tf.io.gfile.glob(str(reference["workdir"] / "tensorboard" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags |= {v.tag for v in event.summary.value}
+    assert expected | {"retrieval/i2t_r1"} <= tags
+
+
+def test_sigkill_then_resume_gives_bitwise_equal_parameters(demo_dir, reference, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _command(demo_dir, workdir), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 300
+        while not (workdir / "checkpoints" / "3").exists():  # orbax renames a step folder once complete
+            assert proc.poll() is None, proc.stderr.read()[-4000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    with checkpointing.checkpoint_manager(workdir, read_only=True) as manager:
+        assert 6 not in manager.all_steps(), "the run finished before the kill; the test proved nothing"
+
+    _run(_command(demo_dir, workdir))
+    _assert_bitwise_equal(_model_variables(workdir), _model_variables(reference["workdir"]))
+    # The metrics file was cut back to the resumed step, so it holds each step once.
+    steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_saves_exits_zero_and_the_relaunch_continues(demo_dir, reference, tmp_path):
+    workdir = tmp_path / "terminated"
+    proc = subprocess.Popen(
+        _command(demo_dir, workdir, "--config.checkpoint_every=100"),
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.stderr.read()[-4000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-4000:]
+    with checkpointing.checkpoint_manager(workdir, read_only=True) as manager:
+        (saved,) = manager.all_steps()  # checkpoint_every=100: only the SIGTERM save
+    assert 1 <= saved < 6, "SIGTERM arrived after the run finished; the test proved nothing"
+    assert "SIGTERM received" in stderr
+
+    proc = _run(_command(demo_dir, workdir, "--config.checkpoint_every=100"))
+    assert f"resumed from the checkpoint of step {saved}" in proc.stderr
+    _assert_bitwise_equal(_model_variables(workdir), _model_variables(reference["workdir"]))
+
+
+def test_one_device_run_matches_eight_devices(demo_dir, reference, tmp_path):
+    workdir = tmp_path / "one_device"
+    _run(_command(demo_dir, workdir), env=_env(device_count=1))
+    assert checkpointing.load_config(workdir).mesh == checkpointing.load_config(reference["workdir"]).mesh
+    assert_tree_close(_model_variables(workdir), _model_variables(reference["workdir"]))
+
+
+@pytest.mark.parametrize("mesh", [[("data", 1), ("fsdp", 1)], [("data", 4), ("fsdp", 1)], [("data", 2), ("fsdp", 2)]])
+def test_checkpoint_from_eight_devices_restores_on_other_meshes(demo_dir, reference, mesh):
+    config = train.prepare_config(train_config.get_config(demo_dir), reference["workdir"])
+    model = build_model(config.model)
+    tx, _ = make_optimizer(config.optimizer, config.total_steps)
+
+    def restore(devices, axes):
+        abstract, shardings = abstract_train_state(model, config.model, tx, make_mesh(axes, devices))
+        abstract_model, abstract_train = train._split_state(abstract)
+        abstract_train["rng"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=shardings.rng)
+        with checkpointing.training_manager(reference["workdir"], keep=3) as manager:
+            return checkpointing.restore_training(manager, 6, abstract_model, abstract_train)
+
+    devices = jax.devices()[: np.prod([size for _, size in mesh])]
+    expected = restore(jax.devices(), [("data", -1), ("fsdp", 1)])
+    actual = restore(devices, mesh)
+    for leaf in jax.tree.leaves(actual):
+        assert set(leaf.sharding.device_set) <= set(devices)
+    _assert_bitwise_equal(actual, expected)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (dict(model=dict(image=dict(type="resnet"))), "config.model"),
+        (dict(mesh=(("data", 3), ("fsdp", 1))), "config.mesh"),
+        (dict(batch_size=12), "config.batch_size"),
+        (dict(data=dict(train="tfrecord:/nonexistent/shard-*.tfrecord")), "config.data.train"),
+        (dict(data=dict(train="")), "config.data.train"),
+        (dict(data=dict(vocab="/nonexistent/vocab.txt")), "config.data.vocab"),
+        (dict(total_steps=0), "config.total_steps"),
+        (dict(optimizer=dict(warmup_steps=100)), "config.optimizer.warmup_steps"),
+    ],
+)
+def test_wrong_config_fails_before_training_naming_the_field(demo_dir, tmp_path, override, field):
+    config = train_config.get_config(demo_dir)
+    config.update_from_flattened_dict(_flatten(override))
+    with pytest.raises(config_lib.ConfigError, match=field.replace(".", r"\.")):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_a_config_error_on_the_command_line_exits_1_with_the_field(demo_dir, tmp_path):
+    proc = subprocess.run(
+        _command(demo_dir, tmp_path, "--config.batch_size=12"), env=_env(), capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 1
+    assert "config.batch_size: 12 is not divisible by the 8 devices" in proc.stderr
+
+
+def test_non_finite_values_stop_the_run_and_keep_the_last_good_checkpoint(demo_dir, reference, tmp_path):
+    workdir = tmp_path / "diverged"
+    shutil.copytree(reference["workdir"], workdir)
+    before = _model_variables(workdir, 6)
+    config = train_config.get_config(demo_dir)
+    config.total_steps = 9
+    config.optimizer.learning_rate = float("inf")
+    with pytest.raises(train.NonFiniteError, match=r"step 7: the (loss|gradient norm|updated parameters' norm) is"):
+        train.train_and_evaluate(config, str(workdir))
+    with checkpointing.checkpoint_manager(workdir, read_only=True) as manager:
+        assert manager.latest_step() == 6
+    _assert_bitwise_equal(_model_variables(workdir, 6), before)
+
+
+def test_keep_best_keeps_the_best_checkpoint_besides_the_latest(tmp_path):
+    with checkpointing.training_manager(tmp_path, keep=1, best_metric="retrieval/i2t_r1") as manager:
+        for step, score in [(1, 0.9), (2, 0.1), (3, 0.2), (4, None)]:
+            metrics = None if score is None else {"retrieval/i2t_r1": score}
+            checkpointing.save_training(manager, step, {"w": np.full(2, step)}, {"step": np.int32(step)}, None, metrics)
+        manager.wait_until_finished()
+        assert manager.all_steps() == [1, 4]
+
+
+@pytest.mark.parametrize("name", ["align_base", "align_l2", "small", "tiny", "demo"])
+def test_shipped_configs_load_and_their_models_build(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert config.batch_size % 8 == 0 and config.total_steps > config.optimizer.warmup_steps
+    model = build_model(config.model)
+    shapes = jax.eval_shape(lambda: init_variables(model, config.model, jax.random.key(0)))
+    assert {"image_tower", "text_tower", "temperature"} <= set(shapes["params"])
+
+
+def test_align_base_config_is_the_paper_recipe():
+    config = config_lib.base_config()
+    assert (config.batch_size, config.total_steps, config.model.image_size, config.model.embed_dim) == (
+        16384,
+        1_200_000,
+        289,
+        640,
+    )
+    assert config.optimizer.name == "lamb" and config.optimizer.learning_rate == 1e-3
+    assert config.optimizer.warmup_steps == 10_000 and config.optimizer.weight_decay == 1e-5
+    assert config.loss.label_smoothing == 0.1 and config.model.temperature_init == 1.0
+    assert config.model.max_text_length == 64
