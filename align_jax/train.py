@@ -169,13 +169,25 @@ def _split_state(state: TrainState) -> tuple[dict, dict]:
     return model, train
 
 
-def _join_state(model: dict, train: dict, rng_impl) -> TrainState:
+def abstract_checkpoint_items(abstract: TrainState, shardings: TrainState) -> tuple[dict, dict]:
+    """`_split_state` of an abstract state: what a checkpoint restores into, on the current mesh."""
+    model = {"params": abstract.params, "batch_stats": abstract.batch_stats}
+    key_shape = jax.eval_shape(jax.random.key_data, jax.random.key(0)).shape
+    train = {
+        "step": abstract.step,
+        "opt_state": abstract.opt_state,
+        "rng": jax.ShapeDtypeStruct(key_shape, np.uint32, sharding=shardings.rng),
+    }
+    return model, train
+
+
+def _join_state(model: dict, train: dict) -> TrainState:
     return TrainState(
         step=train["step"],
         params=model["params"],
         batch_stats=model["batch_stats"],
         opt_state=train["opt_state"],
-        rng=jax.random.wrap_key_data(train["rng"], impl=rng_impl),
+        rng=jax.random.wrap_key_data(train["rng"]),  # the default impl, as jax.random.key made it
     )
 
 
@@ -219,12 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             start = 0
             log.info("starting a new run in %s on %d device(s), mesh %s", workdir, jax.device_count(), dict(mesh.shape))
         else:
-            abstract_model, abstract_train = _split_state(abstract)
-            abstract_train["rng"] = jax.ShapeDtypeStruct(
-                jax.eval_shape(jax.random.key_data, abstract.rng).shape, np.uint32, sharding=shardings.rng
-            )
+            abstract_model, abstract_train = abstract_checkpoint_items(abstract, shardings)
             restored = checkpointing.restore_training(manager, start, abstract_model, abstract_train, iterator)
-            state = _join_state(*restored, rng_impl=jax.random.key_impl(abstract.rng))
+            state = _join_state(*restored)
             log.info("resumed from the checkpoint of step %d in %s (mesh %s)", start, workdir, dict(mesh.shape))
         writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
         step_fn = make_train_step(model, config.loss, tx, schedule, mesh, shardings, config.optimizer.freeze)

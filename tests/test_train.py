@@ -25,7 +25,6 @@ from align_jax.optim import make_optimizer
 from align_jax.sharding import make_mesh
 from align_jax.train_step import abstract_train_state
 from tests import train_config
-from tests.test_train_step import assert_tree_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, "tests", "train_config.py")
@@ -185,7 +184,15 @@ def test_one_device_run_matches_eight_devices(demo_dir, reference, tmp_path):
     workdir = tmp_path / "one_device"
     _run(_command(demo_dir, workdir), env=_env(device_count=1))
     assert checkpointing.load_config(workdir).mesh == checkpointing.load_config(reference["workdir"]).mesh
-    assert_tree_close(_model_variables(workdir), _model_variables(reference["workdir"]))
+    # Summation order differs between 1 and 8 devices. Leaves whose gradient is zero in exact
+    # arithmetic (attention key biases; biases of a BatchNorm whose output reaches another
+    # BatchNorm through a linear map; the running means downstream of those) hold float32 noise
+    # that Adam scales up to ~1e-5, so they agree only to an absolute 5e-5; all others to 1e-4.
+    one, eight = _model_variables(workdir), _model_variables(reference["workdir"])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(eight), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 @pytest.mark.parametrize("mesh", [[("data", 1), ("fsdp", 1)], [("data", 4), ("fsdp", 1)], [("data", 2), ("fsdp", 2)]])
@@ -196,8 +203,7 @@ def test_checkpoint_from_eight_devices_restores_on_other_meshes(demo_dir, refere
 
     def restore(devices, axes):
         abstract, shardings = abstract_train_state(model, config.model, tx, make_mesh(axes, devices))
-        abstract_model, abstract_train = train._split_state(abstract)
-        abstract_train["rng"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=shardings.rng)
+        abstract_model, abstract_train = train.abstract_checkpoint_items(abstract, shardings)
         with checkpointing.training_manager(reference["workdir"], keep=3) as manager:
             return checkpointing.restore_training(manager, 6, abstract_model, abstract_train)
 
