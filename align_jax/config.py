@@ -17,7 +17,7 @@ from align_jax.input import pipeline, readers
 from align_jax.input.text_ops import read_vocab
 from align_jax.models import build_model, presets
 
-EVALUATORS = ("retrieval",)
+EVALUATORS = ("retrieval", "zeroshot")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -59,6 +59,23 @@ def retrieval_eval(**overrides) -> ml_collections.ConfigDict:
             caption_fields=(),  # caption fields per image (several allowed); () = data.captions
             batch_size=0,  # global; 0 = the training batch size
             max_examples=0,  # 0 = the whole split
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def zeroshot_eval(**overrides) -> ml_collections.ConfigDict:
+    """Zero-shot classification: class names written into prompt templates, prompt-ensembled."""
+    config = ml_collections.ConfigDict(
+        dict(
+            type="zeroshot",
+            data="",  # source spec of labelled images; '' = data.eval
+            class_names=(),  # in label order: record label i is class_names[i]
+            templates=(),  # '{}' marks the class name; () = the 80 CLIP ImageNet templates
+            label_field="label",  # integer field of the records
+            batch_size=0,
+            max_examples=0,
         )
     )
     config.update(overrides)
@@ -136,6 +153,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
 
     for name, evaluator in config.evals.items():
         _check(evaluator.get("type") in EVALUATORS, f"evals.{name}.type", f"must be one of {EVALUATORS}")
+        if evaluator.type == "zeroshot":
+            _check(len(evaluator.class_names) > 0, f"evals.{name}.class_names", "no class names given")
         spec = evaluator.get("data") or config.data.eval
         _check_source(spec, f"evals.{name}.data" if evaluator.get("data") else "data.eval", config)
     if config.checkpoint_best.metric:

@@ -1,13 +1,15 @@
 """The demo: the tiny model trained on the embedded demo data (rendered shapes with a noisy
 alt-text and a rich rewritten caption each, mixed VeCap-style), generated into the workdir on
-first use; held-out image<->text retrieval is evaluated at the end.
+first use; held-out image<->text retrieval and zero-shot classification of the first shape are
+evaluated at the end.
 
     make demo      # python -m align_jax.train --config configs/demo.py --workdir workdirs/demo
 """
 
 import ml_collections
 
-from align_jax.config import base_config, retrieval_eval
+from align_jax.config import base_config, retrieval_eval, zeroshot_eval
+from align_jax.input import demo_data
 from align_jax.models import presets
 
 
@@ -37,4 +39,8 @@ def get_config():
     config.checkpoint_every = 400
     config.eval_every = 0  # at the end
     config.evals.retrieval = retrieval_eval(caption_fields=("vecap",))
+    # The label is the first shape and its colour: 24 classes, chance 4%.
+    config.evals.zeroshot = zeroshot_eval(
+        class_names=demo_data.class_names(), templates=("a {}.", "a small {}.", "a large {}.")
+    )
     return config

@@ -417,3 +417,60 @@ def test_training_crops_without_flip_keep_the_orientation():
     }
     assert all(c[:, :4].mean() > 200 and c[:, -4:].mean() < 50 for c in crops[False])
     assert any(c[:, :4].mean() < 50 for c in crops[True])  # some flipped
+
+
+def _labels_from_records(pattern):
+    labels = []
+    for path in sorted(tf.io.gfile.glob(pattern)):
+        for record in tf.data.TFRecordDataset(path):
+            example = tf.train.Example.FromString(record.numpy())
+            labels.append(example.features.feature["label"].int64_list.value[0])
+    return labels
+
+
+def _no_captions(vocab):
+    config = _config(vocab)
+    config.captions = {}
+    return config
+
+
+def test_label_field_comes_through_with_and_without_captions(demo):
+    directory, specs = demo
+    expected = _labels_from_records(str(directory / "eval-*.tfrecord"))
+    rich = _config(specs["vocab"])
+    rich.captions = {"vecap": 1.0}  # always passes the filters, so no example is dropped
+    with_text = list(_dataset(specs["eval"], rich, train=False, label_field="label"))
+    labels_only = list(_dataset(specs["eval"], _no_captions(""), train=False, label_field="label"))
+    assert [int(x) for b in with_text for x in b["labels"]] == expected
+    assert [int(x) for b in labels_only for x in b["labels"]] == expected
+    assert "input_ids" in with_text[0] and set(labels_only[0]) == {"images", "labels", "skipped"}
+    np.testing.assert_array_equal(
+        np.concatenate([b["images"] for b in with_text]), np.concatenate([b["images"] for b in labels_only])
+    )
+
+
+def test_a_record_without_the_label_gets_the_missing_value(tmp_path, vocab_path):
+    image = tf.io.encode_png(np.zeros((32, 32, 3), np.uint8)).numpy()
+    records = [
+        readers.encode_example(image, {"txt": "a b c"}, {"label": 3}),
+        readers.encode_example(image, {"txt": "a b c"}),
+    ]
+    readers.write_tfrecords(records, str(tmp_path), 1)
+    (batch,) = list(_dataset(f"tfrecord:{tmp_path}/*.tfrecord", _config(vocab_path), train=False, label_field="label"))
+    assert np.asarray(batch["labels"]).tolist() == [3, readers.MISSING_INT]
+
+
+def test_captions_can_be_empty_only_with_a_label_field(demo):
+    _, specs = demo
+    with pytest.raises(ValueError, match="data.captions"):
+        _dataset(specs["eval"], _no_captions(specs["vocab"]), train=False)
+
+
+def test_demo_class_names_follow_the_label_of_the_first_shape():
+    rng = np.random.default_rng(0)
+    names = demo_data.class_names()
+    assert len(names) == len(set(names)) == len(demo_data.SHAPES) * len(demo_data.COLORS)
+    for _ in range(20):
+        _, attributes = demo_data.make_scene(rng, 32)
+        first = attributes["objects"][0]
+        assert names[demo_data.label(attributes)] == f"{first['color']} {first['shape']}"

@@ -93,6 +93,7 @@ def test_run_writes_checkpoints_config_vocab_and_evaluates(reference):
     workdir, result = reference["workdir"], reference["result"]
     assert result["step"] == 6
     assert 0.0 <= result["retrieval/i2t_r1"] <= 1.0 and result["retrieval/num_images"] == 24
+    assert 0.0 <= result["zeroshot/top1"] <= 1.0 and result["zeroshot/num_images"] == 24
     with checkpointing.checkpoint_manager(workdir, read_only=True) as manager:
         assert manager.all_steps() == [3, 6]
     saved = checkpointing.load_config(workdir)

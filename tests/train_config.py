@@ -5,7 +5,8 @@
 
 import os
 
-from align_jax.config import base_config, retrieval_eval
+from align_jax.config import base_config, retrieval_eval, zeroshot_eval
+from align_jax.input import demo_data
 from align_jax.models import presets
 
 
@@ -25,4 +26,5 @@ def get_config(demo_dir: str = ""):
     config.checkpoint_every = 3
     config.eval_every = 0
     config.evals.retrieval = retrieval_eval(caption_fields=("vecap",), batch_size=16)
+    config.evals.zeroshot = zeroshot_eval(class_names=demo_data.class_names(), templates=("a {}.",), batch_size=16)
     return config

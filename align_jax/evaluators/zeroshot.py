@@ -16,12 +16,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from align_jax.evaluators.retrieval import _gather
-from align_jax.input import image_ops, pipeline, readers
+from align_jax.input import pipeline
 from align_jax.input.text_ops import Tokenizer
 from align_jax.models import DualEncoder
 from align_jax.sharding import check_batch_size
@@ -176,33 +175,6 @@ def _image_logits(model: DualEncoder, variables: dict, images: jax.Array, class_
     return jnp.matmul(image_embeds, class_embeds.T, precision=jax.lax.Precision.HIGHEST)
 
 
-def _read_labelled_images(
-    spec: str, *, image_size: int, batch_size: int, label_field: str, process_index: int, process_count: int
-) -> tf.data.Dataset:
-    """Batches of this process's share of a TFRecord set: `images` uint8 `[b, S, S, 3]` (the
-    evaluation crop of the input pipeline) and `labels` int64 `[b]` (-1 where a record has none).
-
-    Stands in for `pipeline.make_dataset` until that carries an integer field: no filters, and
-    an image that fails to decode stops the pass (classification sets are curated)."""
-    sources = readers.parse_spec(spec)
-    if len(sources) != 1 or sources[0].kind != "tfrecord":
-        raise ValueError(f"zero-shot evaluation reads one tfrecord:GLOB source, got {spec!r}")
-    files = readers.tfrecord_files(sources[0].path)
-    features = {
-        readers.IMAGE_FIELD: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        label_field: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-    }
-
-    def decode(serialized):
-        example = tf.io.parse_single_example(serialized, features)
-        image = image_ops.resize_and_center_crop(image_ops.decode_rgb(example[readers.IMAGE_FIELD]), image_size)
-        return dict(images=image, labels=example[label_field])
-
-    ds = tf.data.TFRecordDataset(files).shard(process_count, process_index)
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(2)
-
-
 class ZeroShotEvaluator:
     """Top-1, top-5 and mean per-class recall of a dual encoder used as a zero-shot classifier.
 
@@ -242,13 +214,16 @@ class ZeroShotEvaluator:
         self.batch_size = batch_size
         self.local_batch_size = batch_size // jax.process_count()
         self.tokenizer = Tokenizer(data_config.vocab, max_text_length, data_config.lower_case)
-        self.dataset = _read_labelled_images(
+        images_only = data_config.copy_and_resolve_references()
+        images_only.captions = {}  # the texts are the prompts; the records' captions are not read
+        self.dataset = pipeline.make_dataset(
             data_spec,
+            images_only,
             image_size=image_size,
+            max_text_length=max_text_length,
             batch_size=self.local_batch_size,
+            train=False,
             label_field=label_field,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
         )
 
     def encode_texts(self, variables: dict, texts: Sequence[str]) -> np.ndarray:
@@ -292,7 +267,7 @@ class ZeroShotEvaluator:
             class_embeds.shape, NamedSharding(self.mesh, P()), lambda index: class_embeds[index]
         )
         logits, labels = [], []
-        num_images = 0
+        num_images, skipped = 0, np.zeros(1, np.int64)
         iterator = self.dataset.as_numpy_iterator()
         while not self.max_examples or num_images < self.max_examples:
             batch = next(iterator, None)
@@ -300,24 +275,30 @@ class ZeroShotEvaluator:
             rows = _gather(np.array([-1 if batch is None else len(batch["images"])]))
             if (rows < 0).all():
                 break
+            if batch is not None:
+                skipped = batch["skipped"].sum(keepdims=True)  # cumulative over the pass
+            if (rows <= 0).all():
+                continue  # the last batch of a pass may carry only the skip counts
             padded = self._padded(batch)
             arrays = pipeline.to_global_batch(padded, self.mesh, keys=tuple(padded))
             valid = _gather(arrays["valid"])
             logits.append(_gather(_image_logits(self.model, variables, arrays["images"], class_embeds))[valid])
             labels.append(_gather(arrays["labels"])[valid])
             num_images += int(valid.sum())
+        self.skipped = int(_gather(skipped).sum())
         if not num_images:
-            raise ValueError("the zero-shot set yielded no images")
+            raise ValueError(f"the zero-shot set yielded no images ({self.skipped} skipped by the filters)")
         logits, labels = np.concatenate(logits), np.concatenate(labels)
         if self.max_examples:
             logits, labels = logits[: self.max_examples], labels[: self.max_examples]
         return logits, labels
 
     def run(self, variables: dict) -> dict[str, float]:
-        """`{prefix}/top1`, `{prefix}/top5`, `{prefix}/mean_per_class_recall` and `num_images`."""
+        """`{prefix}/top1`, `{prefix}/top5`, `{prefix}/mean_per_class_recall`, `num_images` and
+        `skipped` (examples the input filters dropped)."""
         logits, labels = self.logits(variables)
         if labels.min() < 0:
             raise ValueError(f"{(labels < 0).sum()} images have no {self.label_field!r} field")
         metrics = classification_metrics(logits, labels, ks=(1, 5))
-        metrics["num_images"] = float(len(labels))
+        metrics.update(num_images=float(len(labels)), skipped=float(self.skipped))
         return {f"{self.prefix}/{name}": value for name, value in metrics.items()}

@@ -96,6 +96,11 @@ def label(attributes: dict) -> int:
     return SHAPES.index(first["shape"]) * len(COLORS) + list(COLORS).index(first["color"])
 
 
+def class_names() -> list[str]:
+    """Names of the `label` classes, in label order ("red circle", ...)."""
+    return [f"{color} {shape}" for shape in SHAPES for color in COLORS]
+
+
 def records(num_examples: int, seed: int, image_size: int = 128) -> list[bytes]:
     rng = np.random.default_rng(seed)
     out = []

@@ -59,7 +59,9 @@ def _parallel(config) -> int:
     return tf.data.AUTOTUNE if config.num_parallel_calls in (-1, None) else int(config.num_parallel_calls)
 
 
-def _tfrecord_source(source, fields, train, seed, process_index, process_count, config) -> tf.data.Dataset:
+def _tfrecord_source(
+    source, fields, train, seed, process_index, process_count, config, int_fields=()
+) -> tf.data.Dataset:
     files = readers.tfrecord_files(source.path)
     if len(files) >= process_count:  # by file: each process opens only its own shards
         files = files[process_index::process_count]
@@ -76,22 +78,28 @@ def _tfrecord_source(source, fields, train, seed, process_index, process_count, 
         ds = tf.data.TFRecordDataset(files).shard(process_count, process_index)
         if train:
             ds = ds.repeat()
-    return ds.map(lambda s: readers.parse_example(s, fields), num_parallel_calls=_parallel(config))
+    return ds.map(lambda s: readers.parse_example(s, fields, int_fields), num_parallel_calls=_parallel(config))
 
 
-def _csv_source(source, fields, train, seed, process_index, process_count, config) -> tf.data.Dataset:
-    rows = readers.read_csv_rows(source.path, config.csv_image_column, fields)
+def _csv_source(source, fields, train, seed, process_index, process_count, config, int_fields=()) -> tf.data.Dataset:
+    rows = readers.read_csv_rows(source.path, config.csv_image_column, [*fields, *int_fields])
     if not rows:
         raise ValueError(f"CSV file {source.path} has no rows")
-    columns = {key: [row[key] for row in rows] for key in ("image", *fields)}
+    columns = {key: [row[key] for row in rows] for key in ("image", *fields, *int_fields)}
     ds = tf.data.Dataset.from_tensor_slices(columns).shard(process_count, process_index)
     if train:
         ds = ds.repeat()
-    # A missing or unreadable image file raises here and is counted as undecodable.
-    return ds.map(lambda r: {**r, "image": tf.io.read_file(r["image"])}, num_parallel_calls=_parallel(config))
+
+    def read(row):
+        # A missing or unreadable image file (or a non-integer label) raises here and is counted
+        # as undecodable.
+        ints = {f: tf.strings.to_number(row[f], tf.int64) for f in int_fields}
+        return {**row, **ints, "image": tf.io.read_file(row["image"])}
+
+    return ds.map(read, num_parallel_calls=_parallel(config))
 
 
-def _tfds_source(source, fields, train, seed, process_index, process_count, config) -> tf.data.Dataset:
+def _tfds_source(source, fields, train, seed, process_index, process_count, config, int_fields=()) -> tf.data.Dataset:
     builder = tfds.builder(source.path, data_dir=config.tfds_data_dir or None)
     split = tfds.split_for_jax_process(source.split, process_index=process_index, process_count=process_count)
     image_key = config.tfds_image_key
@@ -101,27 +109,40 @@ def _tfds_source(source, fields, train, seed, process_index, process_count, conf
         shuffle_files=train,
         read_config=tfds.ReadConfig(shuffle_seed=seed),
     )
-    missing = [k for k in (image_key, *fields) if k not in builder.info.features]
+    missing = [k for k in (image_key, *fields, *int_fields) if k not in builder.info.features]
     if missing:
         raise ValueError(
             f"TFDS dataset {source.path!r} has no feature(s) {missing}; it has {list(builder.info.features)}"
         )
     if train:
         ds = ds.repeat()
-    return ds.map(lambda ex: {"image": ex[image_key], **{f: tf.cast(ex[f], tf.string) for f in fields}})
+    return ds.map(
+        lambda ex: {
+            "image": ex[image_key],
+            **{f: tf.cast(ex[f], tf.string) for f in fields},
+            **{f: tf.cast(ex[f], tf.int64) for f in int_fields},
+        }
+    )
 
 
 _SOURCES = {"tfrecord": _tfrecord_source, "csv": _csv_source, "tfds": _tfds_source}
 
 
 def read_records(
-    spec: str, config: ml_collections.ConfigDict, train: bool, seed: int, process_index: int, process_count: int
+    spec: str,
+    config: ml_collections.ConfigDict,
+    train: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    int_fields: Sequence[str] = (),
 ) -> tf.data.Dataset:
-    """Records `{'image': bytes, field: text}` of this process's share, mixed by weight."""
+    """Records `{'image': bytes, field: text, int field: int64}` of this process's share, mixed
+    by weight."""
     fields = list(config.captions)
     sources = readers.parse_spec(spec)
     datasets = [
-        _SOURCES[s.kind](s, fields, train, seed + i, process_index, process_count, config)
+        _SOURCES[s.kind](s, fields, train, seed + i, process_index, process_count, config, tuple(int_fields))
         for i, s in enumerate(sources)
     ]
     if len(datasets) == 1:
@@ -217,6 +238,7 @@ def make_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     all_captions: bool = False,
+    label_field: str | None = None,
 ) -> tf.data.Dataset:
     """Batches of this process's share: `images` uint8 `[b, S, S, 3]` (the model scales them to
     [-1, 1] on the device), `input_ids` and `attention_mask` int32 `[b, L]`, `skipped` int64
@@ -226,28 +248,39 @@ def make_dataset(
     is drawn: `input_ids` and `attention_mask` are `[b, F, L]` for the F fields of
     `config.captions` in order, and `caption_valid` bool `[b, F]` marks the captions that pass
     the caption filters (the others are tokenized as empty text). An example is kept when its
-    image passes and at least one caption is valid."""
+    image passes and at least one caption is valid.
+
+    With `label_field` (an integer field, e.g. a class for classification evaluation) batches
+    also hold `labels` int64 `[b]` (`readers.MISSING_INT` where a record has none); with it,
+    `config.captions` may be empty: then no text is checked or tokenized and batches hold no
+    `input_ids` / `attention_mask`."""
     if all_captions and train:
         raise ValueError("all_captions=True is for evaluation; it needs train=False")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     fields = list(config.captions)
     weights = [float(config.captions[f]) for f in fields]
-    if not fields or min(weights) < 0 or sum(weights) <= 0:
+    if (fields or not label_field) and (not fields or min(weights) < 0 or sum(weights) <= 0):
         raise ValueError(f"data.captions needs at least one field with a positive weight, got {dict(config.captions)}")
-    tokenizer = Tokenizer(config.vocab, max_text_length, config.lower_case)
+    int_fields = (label_field,) if label_field else ()
+    tokenizer = Tokenizer(config.vocab, max_text_length, config.lower_case) if fields else None
     resize_size = config.resize_size or image_ops.eval_resize_size(image_size)
     blocked_images, blocked_texts = _block_tables(config.filters)
     num_reasons = len(filters.SKIP_REASONS)
     parallel = _parallel(config)
 
-    ds = read_records(spec, config, train, seed, process_index, process_count)
+    ds = read_records(spec, config, train, seed, process_index, process_count, int_fields)
     ds = ds.map(lambda r: {**r, "end_marker": tf.constant(False)})
     if train:
         ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     else:  # carries the final counts through every stage into the last batch, then is removed
         marker_image = tf.io.encode_png(tf.zeros((1, 1, 3), tf.uint8))
-        marker = {"image": marker_image, **{f: "" for f in fields}, "end_marker": True}
+        marker = {
+            "image": marker_image,
+            **{f: "" for f in fields},
+            **{f: tf.constant(readers.MISSING_INT, tf.int64) for f in int_fields},
+            "end_marker": True,
+        }
         ds = ds.concatenate(tf.data.Dataset.from_tensors(marker))
     ds = ds.enumerate()
 
@@ -255,6 +288,10 @@ def make_dataset(
         """Caption filters, then the caption draw (or every caption with its validity), vectorised
         over a block of examples."""
         out = dict(index=examples["index"], image=examples["image"], end_marker=examples["end_marker"])
+        out.update({f: examples[f] for f in int_fields})
+        if not fields:  # images and labels only
+            out["caption_reason"] = tf.zeros_like(examples["index"], tf.int32)
+            return out
         if not all_captions:
             out["caption"], out["caption_reason"] = _caption_choice(
                 examples, fields, weights, config, blocked_texts, seed
@@ -293,7 +330,8 @@ def make_dataset(
 
         image = tf.cond(reason == 0, decode, lambda: tf.zeros((image_size, image_size, 3), tf.uint8))
         out = dict(index=index, images=image, reason=reason)
-        return dict(out, **{k: example[k] for k in ("caption", "caption_valid", "end_marker") if k in example})
+        carried = ("caption", "caption_valid", "end_marker", *int_fields)
+        return dict(out, **{k: example[k] for k in carried if k in example})
 
     ds = ds.map(check_and_decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
     init = (tf.constant(0, tf.int64), tf.zeros([num_reasons], tf.int64))
@@ -301,10 +339,16 @@ def make_dataset(
     ds = ds.filter(lambda e: e["reason"] == 0)
 
     def finish(batch):
-        ids, mask = tokenizer.tokenize(tf.reshape(batch["caption"], [-1]))  # [b] or [b * F]
         skipped = batch["skipped"][-1]
-        out = dict(images=batch["images"], input_ids=ids, attention_mask=mask)
-        if all_captions:
+        out = dict(images=batch["images"])
+        if label_field:
+            out["labels"] = batch[label_field]
+        if not fields:
+            pass
+        elif not all_captions:
+            out["input_ids"], out["attention_mask"] = tokenizer.tokenize(batch["caption"])
+        else:
+            ids, mask = tokenizer.tokenize(tf.reshape(batch["caption"], [-1]))  # [b * F]
             shape = [-1, len(fields), max_text_length]
             out.update(input_ids=tf.reshape(ids, shape), attention_mask=tf.reshape(mask, shape))
             out["caption_valid"] = batch["caption_valid"]

@@ -66,17 +66,23 @@ def tfrecord_files(pattern: str) -> list[str]:
     return files
 
 
-def example_features(caption_fields: Sequence[str]) -> dict:
+MISSING_INT = -1  # value of an absent integer field (e.g. a record without a class label)
+
+
+def example_features(caption_fields: Sequence[str], int_fields: Sequence[str] = ()) -> dict:
     features = {IMAGE_FIELD: tf.io.FixedLenFeature([], tf.string, default_value="")}
     for field in caption_fields:
         features[field] = tf.io.FixedLenFeature([], tf.string, default_value="")
+    for field in int_fields:
+        features[field] = tf.io.FixedLenFeature([], tf.int64, default_value=MISSING_INT)
     return features
 
 
-def parse_example(serialized: tf.Tensor, caption_fields: Sequence[str]) -> dict:
-    """A serialized tf.train.Example -> `{'image': bytes, field: text, ...}`; absent fields are ''."""
-    parsed = tf.io.parse_single_example(serialized, example_features(caption_fields))
-    return {"image": parsed[IMAGE_FIELD], **{f: parsed[f] for f in caption_fields}}
+def parse_example(serialized: tf.Tensor, caption_fields: Sequence[str], int_fields: Sequence[str] = ()) -> dict:
+    """A serialized tf.train.Example -> `{'image': bytes, field: text, ..., int field: int64}`;
+    absent text fields are '', absent integer fields `MISSING_INT`."""
+    parsed = tf.io.parse_single_example(serialized, example_features(caption_fields, int_fields))
+    return {"image": parsed[IMAGE_FIELD], **{f: parsed[f] for f in (*caption_fields, *int_fields)}}
 
 
 def encode_example(image: bytes, texts: dict[str, str | bytes], extra: dict[str, int] | None = None) -> bytes:
