@@ -27,7 +27,7 @@ from etils import epath
 
 from align_jax import checkpointing, perf
 from align_jax import config as config_lib
-from align_jax.evaluators import RetrievalEvaluator, ZeroShotEvaluator
+from align_jax.evaluators import build_evaluators
 from align_jax.input import demo_data, filters, pipeline
 from align_jax.input.text_ops import read_vocab
 from align_jax.metric_writer import MetricWriter
@@ -121,34 +121,6 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def build_evaluators(config: ml_collections.ConfigDict, model, mesh) -> dict[str, Any]:
-    evaluators = {}
-    for name, cfg in config.evals.items():
-        common = dict(
-            data_spec=cfg.data or config.data.eval,
-            data_config=config.data,
-            image_size=config.model.image_size,
-            max_text_length=config.model.max_text_length,
-            batch_size=cfg.batch_size or config.batch_size,
-            max_examples=cfg.max_examples,
-            prefix=name,
-        )
-        if cfg.type == "retrieval":
-            evaluators[name] = RetrievalEvaluator(
-                model, mesh, caption_fields=tuple(cfg.caption_fields) or None, **common
-            )
-        elif cfg.type == "zeroshot":
-            evaluators[name] = ZeroShotEvaluator(
-                model,
-                mesh,
-                class_names=list(cfg.class_names),
-                templates=list(cfg.templates) or None,
-                label_field=cfg.label_field,
-                **common,
-            )
-    return evaluators
 
 
 def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:

@@ -1,5 +1,12 @@
 """Evaluators built from the config: each has `run(variables) -> {name: value}`."""
 
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
 from align_jax.evaluators.retrieval import RetrievalEvaluator, recall_at_k
 from align_jax.evaluators.zeroshot import (
     CLIP_IMAGENET_TEMPLATES,
@@ -12,7 +19,39 @@ __all__ = [
     "CLIP_IMAGENET_TEMPLATES",
     "RetrievalEvaluator",
     "ZeroShotEvaluator",
+    "build_evaluators",
     "class_embeddings",
     "classification_metrics",
     "recall_at_k",
 ]
+
+
+def build_evaluators(config: ml_collections.ConfigDict, model, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """`config.evals` (name -> `retrieval_eval(...)` / `zeroshot_eval(...)` of `align_jax.config`)
+    -> evaluators, keyed by name (their metrics are prefixed with it)."""
+    evaluators = {}
+    for name, cfg in config.evals.items():
+        common = dict(
+            data_spec=cfg.data or config.data.eval,
+            data_config=config.data,
+            image_size=config.model.image_size,
+            max_text_length=config.model.max_text_length,
+            batch_size=cfg.batch_size or config.batch_size,
+            max_examples=cfg.max_examples,
+            prefix=name,
+        )
+        if cfg.type == "retrieval":
+            fields = tuple(cfg.caption_fields) or None
+            evaluators[name] = RetrievalEvaluator(model, mesh, caption_fields=fields, **common)
+        elif cfg.type == "zeroshot":
+            evaluators[name] = ZeroShotEvaluator(
+                model,
+                mesh,
+                class_names=list(cfg.class_names),
+                templates=list(cfg.templates) or None,
+                label_field=cfg.label_field,
+                **common,
+            )
+        else:
+            raise ValueError(f"config.evals.{name}.type: unknown evaluator {cfg.type!r}")
+    return evaluators
