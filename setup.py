@@ -35,6 +35,11 @@ setup(
         # align_jax. torch is pinned so pip takes the local CPU wheel, not CUDA builds.
         "test": [
             "pillow>=10",  # writes GIF and BMP test images
+            # tests/test_notebook.py executes examples/inference.ipynb (which draws with matplotlib).
+            "ipykernel>=6",
+            "matplotlib>=3.8",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
             "pytest>=8",
             "ruff>=0.15",
             "torch==2.13.0",
@@ -45,6 +50,7 @@ setup(
         "console_scripts": [
             "align-convert-hf=align_jax.tools.convert_hf:main",
             "align-train=align_jax.train:run",
+            "align-evaluate=align_jax.evaluate:run",
         ],
     },
 )
