@@ -58,7 +58,7 @@ def main() -> None:
     images /= np.linalg.norm(images, axis=1, keepdims=True)
     owner = rng.integers(0, args.images, args.texts).astype(np.int32)
     # Captions near their image, so recall is neither 0 nor 1.
-    texts = images[owner] + rng.normal(scale=0.12, size=(args.texts, args.dim)).astype(np.float32)
+    texts = images[owner] + rng.normal(scale=0.2, size=(args.texts, args.dim)).astype(np.float32)
     texts /= np.linalg.norm(texts, axis=1, keepdims=True)
 
     small_images, small = 2000, 10_000
