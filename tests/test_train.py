@@ -48,6 +48,7 @@ def reference(demo_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     config = train_config.get_config(demo_dir)
     config.profile.start_step, config.profile.num_steps = 2, 1  # tracing does not change the numbers
+    config.device_peak_flops = 1e11  # a CPU has no known peak; with one, the log reports MFU
     result = train.train_and_evaluate(config, str(workdir))
     return dict(workdir=workdir, result=result)
 
@@ -114,6 +115,7 @@ def test_jsonl_and_tensorboard_hold_the_training_scalars(reference):
     expected = {"loss", "learning_rate", "step_time", "images_per_s", "images_per_s_per_device", "skipped/total"}
     assert expected <= set(train_records[-1])
     assert all(np.isfinite(r["loss"]) for r in train_records)
+    assert all(0 < r["mfu"] < 1 for r in train_records[1:])  # from step 2: the first includes compilation
     # The input filters' skip counts reach the training metrics (the bad shard's images).
     assert train_records[-1]["skipped/undecodable_image"] > 0
     assert train_records[-1]["skipped/total"] == train_records[-1]["skipped/undecodable_image"]
