@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from align_jax import sharding
 from align_jax.evaluators import RetrievalEvaluator, recall_at_k, retrieval
+from align_jax.evaluators.lockstep import LockstepPass
 from align_jax.input import demo_data, pipeline
 from align_jax.models import DualEncoder, build_model, init_variables, presets
 
@@ -247,3 +248,17 @@ def test_evaluator_on_chosen_caption_fields_with_a_final_empty_batch(setup, refe
     assert metrics["alt/num_images"] == metrics["alt/num_texts"] == 24
     assert metrics["alt/skipped"] == 16
     assert {k: metrics[f"alt/{k}"] for k in want} == pytest.approx(want, abs=0)
+
+
+def test_lockstep_pass_yields_the_batches_with_rows_and_counts_every_skip(setup):
+    data = setup["data"].copy_and_resolve_references()
+    data.captions = {"txt": 1.0}  # short alt-texts fail the word filters: some examples are skipped
+    dataset = pipeline.make_dataset(
+        setup["specs"]["eval"], data, image_size=32, max_text_length=16, batch_size=8, train=False
+    )
+    plain = list(dataset.as_numpy_iterator())
+    lockstep = LockstepPass(dataset)
+    yielded = list(lockstep)
+    assert [len(b["images"]) for b in yielded] == [len(b["images"]) for b in plain if len(b["images"])]
+    assert lockstep.total_skipped() == int(plain[-1]["skipped"].sum()) > 0
+    assert sum(len(b["images"]) for b in yielded) + lockstep.total_skipped() == 40

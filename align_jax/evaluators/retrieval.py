@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
+from align_jax.evaluators.lockstep import LockstepPass, gather
 from align_jax.input import pipeline
 from align_jax.models import DualEncoder
 from align_jax.sharding import check_batch_size
@@ -103,13 +103,6 @@ def _embed(
     return image_embeds, text_embeds
 
 
-def _gather(x) -> np.ndarray:
-    """A global array (or this process's host values, concatenated in process order) on every host."""
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 class RetrievalEvaluator:
     """Recall@K of a dual encoder on an image-caption set, every caption field of an example
     counted as one more caption of its image.
@@ -184,32 +177,25 @@ class RetrievalEvaluator:
         """One pass: `(image_embeds [N, D], text_embeds [M, D], text_to_image [M], skipped)` on
         every host, over the first `max_examples` images (all when 0). `variables` must live on
         the evaluator's mesh (e.g. the train state's, sharded as they are)."""
-        images, texts, owners, skipped = [], [], [], np.zeros(1, np.int64)
+        images, texts, owners = [], [], []
         num_images = 0
-        iterator = self.dataset.as_numpy_iterator()
-        while not self.max_examples or num_images < self.max_examples:
-            batch = next(iterator, None)
-            # Every process takes part in every step, so all go on until the last one is done.
-            rows = _gather(np.array([-1 if batch is None else len(batch["images"])]))
-            if (rows < 0).all():
-                break
-            if batch is not None:
-                skipped = batch["skipped"].sum(keepdims=True)  # cumulative over the pass
-            if (rows <= 0).all():
-                continue  # the last batch of a pass may carry only the skip counts
+        lockstep = LockstepPass(self.dataset)
+        for batch in lockstep:
             padded = self._padded(batch)
             arrays = pipeline.to_global_batch(padded, self.mesh, keys=tuple(padded))
             image_embeds, text_embeds = _embed(
                 self.model, variables, arrays["images"], arrays["input_ids"], arrays["attention_mask"]
             )
-            image_valid, text_valid = _gather(arrays["image_valid"]), _gather(arrays["text_valid"])
+            image_valid, text_valid = gather(arrays["image_valid"]), gather(arrays["text_valid"])
             # Caption row r belongs to image row r // F; number the kept images across batches.
             image_number = num_images + np.cumsum(image_valid) - 1
-            images.append(_gather(image_embeds)[image_valid])
-            texts.append(_gather(text_embeds)[text_valid])
+            images.append(gather(image_embeds)[image_valid])
+            texts.append(gather(text_embeds)[text_valid])
             owners.append(np.repeat(image_number, self.num_fields)[text_valid])
             num_images += int(image_valid.sum())
-        total_skipped = int(_gather(skipped).sum())
+            if self.max_examples and num_images >= self.max_examples:
+                break
+        total_skipped = lockstep.total_skipped()
         if not num_images:
             raise ValueError(f"the retrieval set yielded no examples ({total_skipped} skipped by the filters)")
         image_embeds, text_embeds, text_to_image = (np.concatenate(x) for x in (images, texts, owners))

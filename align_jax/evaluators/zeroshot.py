@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from align_jax.evaluators.retrieval import _gather
+from align_jax.evaluators.lockstep import LockstepPass, gather
 from align_jax.input import pipeline
 from align_jax.input.text_ops import Tokenizer
 from align_jax.models import DualEncoder
@@ -242,7 +242,7 @@ class ZeroShotEvaluator:
                 rows[key] = padded[start_row : start_row + local]
             arrays = pipeline.to_global_batch(rows, self.mesh, keys=tuple(rows))
             embeds = _encode_text(self.model, variables, arrays["input_ids"], arrays["attention_mask"])
-            out.append(_gather(embeds)[:n])
+            out.append(gather(embeds)[:n])
         return np.concatenate(out)
 
     def _padded(self, batch: dict | None) -> dict[str, np.ndarray]:
@@ -267,25 +267,18 @@ class ZeroShotEvaluator:
             class_embeds.shape, NamedSharding(self.mesh, P()), lambda index: class_embeds[index]
         )
         logits, labels = [], []
-        num_images, skipped = 0, np.zeros(1, np.int64)
-        iterator = self.dataset.as_numpy_iterator()
-        while not self.max_examples or num_images < self.max_examples:
-            batch = next(iterator, None)
-            # Every process takes part in every step, so all go on until the last one is done.
-            rows = _gather(np.array([-1 if batch is None else len(batch["images"])]))
-            if (rows < 0).all():
-                break
-            if batch is not None:
-                skipped = batch["skipped"].sum(keepdims=True)  # cumulative over the pass
-            if (rows <= 0).all():
-                continue  # the last batch of a pass may carry only the skip counts
+        num_images = 0
+        lockstep = LockstepPass(self.dataset)
+        for batch in lockstep:
             padded = self._padded(batch)
             arrays = pipeline.to_global_batch(padded, self.mesh, keys=tuple(padded))
-            valid = _gather(arrays["valid"])
-            logits.append(_gather(_image_logits(self.model, variables, arrays["images"], class_embeds))[valid])
-            labels.append(_gather(arrays["labels"])[valid])
+            valid = gather(arrays["valid"])
+            logits.append(gather(_image_logits(self.model, variables, arrays["images"], class_embeds))[valid])
+            labels.append(gather(arrays["labels"])[valid])
             num_images += int(valid.sum())
-        self.skipped = int(_gather(skipped).sum())
+            if self.max_examples and num_images >= self.max_examples:
+                break
+        self.skipped = lockstep.total_skipped()
         if not num_images:
             raise ValueError(f"the zero-shot set yielded no images ({self.skipped} skipped by the filters)")
         logits, labels = np.concatenate(logits), np.concatenate(labels)
