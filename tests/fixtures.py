@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from align_jax.models import presets
+
 _WORDS = (
     "a photo of the an cat dog bird on in with and is at red blue green small big "
     "run play photograph un cafe resume naive hello world straße 中 文 日 本 語 😀 σ ς ﬁ"
@@ -47,3 +49,20 @@ def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     )
     img += rng.normal(0, 20, img.shape)
     return img.clip(0, 255).astype(np.uint8)
+
+
+def three_stage_tiny(image_size: int, max_text_length: int):
+    """The tiny preset cut to three image stages (four blocks, one residual): XLA compiles on a
+    small CPU take long enough, and the tests that use it need the towers' behaviour, not depth."""
+    config = presets.tiny()
+    config.image_size, config.max_text_length = image_size, max_text_length
+    config.image.update(
+        kernel_sizes=(3, 5, 3),
+        in_channels=(32, 16, 24),
+        out_channels=(16, 24, 40),
+        strides=(1, 2, 2),
+        num_block_repeats=(1, 2, 1),
+        expand_ratios=(1, 6, 6),
+        depth_coefficient=1.0,
+    )
+    return config

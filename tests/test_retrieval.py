@@ -17,7 +17,8 @@ from align_jax import sharding
 from align_jax.evaluators import RetrievalEvaluator, recall_at_k, retrieval
 from align_jax.evaluators.lockstep import LockstepPass
 from align_jax.input import demo_data, pipeline
-from align_jax.models import DualEncoder, build_model, init_variables, presets
+from align_jax.models import DualEncoder, build_model, init_variables
+from tests import fixtures
 
 # --- recall_at_k -----------------------------------------------------------------------------
 
@@ -138,18 +139,7 @@ def setup(tmp_path_factory):
     specs = demo_data.write(
         str(tmp_path_factory.mktemp("demo")), num_train=16, num_eval=40, num_shards=4, image_size=64
     )
-    config = presets.tiny()
-    config.image_size, config.max_text_length = 32, 16
-    # Three stages: XLA compiles on a small CPU take long enough.
-    config.image.update(
-        kernel_sizes=(3, 5, 3),
-        in_channels=(32, 16, 24),
-        out_channels=(16, 24, 40),
-        strides=(1, 2, 2),
-        num_block_repeats=(1, 2, 1),
-        expand_ratios=(1, 6, 6),
-        depth_coefficient=1.0,
-    )
+    config = fixtures.three_stage_tiny(32, 16)
     model = build_model(config)
     variables = init_variables(model, config, jax.random.key(0))
     data = pipeline.default_config()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from align_jax import optim, sharding, train_step
-from align_jax.models import DualEncoder, build_model, init_variables, presets
+from align_jax.models import DualEncoder, build_model, init_variables
+from tests import fixtures
 
 MESHES = [(8, 1), (4, 2), (2, 4)]
 GLOBAL_BATCH = 16
@@ -20,18 +21,7 @@ SMOOTHING = 0.1
 
 
 def _model_config(dropout: bool):
-    config = presets.tiny()
-    config.image_size, config.max_text_length = 32, 8
-    # Three stages, four blocks (one residual): XLA compiles on a small CPU take long enough.
-    config.image.update(
-        kernel_sizes=(3, 5, 3),
-        in_channels=(32, 16, 24),
-        out_channels=(16, 24, 40),
-        strides=(1, 2, 2),
-        num_block_repeats=(1, 2, 1),
-        expand_ratios=(1, 6, 6),
-        depth_coefficient=1.0,
-    )
+    config = fixtures.three_stage_tiny(32, 8)
     if not dropout:
         config.image.drop_connect_rate = 0.0
         config.text.hidden_dropout = config.text.attention_dropout = 0.0
