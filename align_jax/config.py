@@ -17,7 +17,7 @@ from align_jax.input import pipeline, readers
 from align_jax.input.text_ops import read_vocab
 from align_jax.models import build_model, presets
 
-EVALUATORS = ("retrieval", "zeroshot")
+EVALUATORS = ("retrieval", "zeroshot", "image_text")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameters, dropout and the input pipeline's shuffles, crops and caption draws
     config.batch_size = 16384  # global, over all devices and processes
+    # Micro-batches per step (GradCache): the same gradients as the whole batch at about 1/k of
+    # the activation memory; batch_size must divide by data-parallel devices * accum_steps.
+    config.accum_steps = 1
     config.total_steps = 1_200_000
     # Device mesh: (axis, size) pairs; one size may be -1 (the remaining devices). The default uses
     # every device for data parallelism, so one command runs on 1 or N devices.
@@ -76,6 +79,26 @@ def zeroshot_eval(**overrides) -> ml_collections.ConfigDict:
             label_field="label",  # integer field of the records
             batch_size=0,
             max_examples=0,
+        )
+    )
+    config.update(overrides)
+    return config
+
+
+def image_text_eval(**overrides) -> ml_collections.ConfigDict:
+    """Image+text query retrieval (ALIGN section 7): a query image plus a modifier text, embedded
+    as the normalised sum of the two embeddings, should find its target image in a gallery."""
+    config = ml_collections.ConfigDict(
+        dict(
+            type="image_text",
+            queries="",  # source spec of query records: image, modifier text, target id
+            gallery="",  # source spec of gallery records: image and its id
+            modifier_field="modifier",
+            target_field="target",  # integer field of a query: the id of its target image
+            id_field="id",  # integer field of a gallery image
+            text_weight=1.0,  # query = normalise(image + text_weight * text)
+            batch_size=0,  # global; 0 = the training batch size
+            max_examples=0,  # queries scored; 0 = all
         )
     )
     config.update(overrides)
@@ -132,6 +155,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         "batch_size",
         f"{config.batch_size} is not divisible by the {data_parallel} devices of the data axes {dict(shape)}",
     )
+    accum_steps = config.get("accum_steps", 1)
+    _check(
+        isinstance(accum_steps, int) and accum_steps > 0,
+        "accum_steps",
+        f"must be a positive integer, got {accum_steps!r}",
+    )
+    _check(
+        config.batch_size % (data_parallel * accum_steps) == 0,
+        "accum_steps",
+        f"batch_size {config.batch_size} is not divisible by the {data_parallel} data-parallel devices "
+        f"times accum_steps {accum_steps}",
+    )
     _check(
         config.batch_size % process_count == 0,
         "batch_size",
@@ -155,6 +190,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         _check(evaluator.get("type") in EVALUATORS, f"evals.{name}.type", f"must be one of {EVALUATORS}")
         if evaluator.type == "zeroshot":
             _check(len(evaluator.class_names) > 0, f"evals.{name}.class_names", "no class names given")
+        if evaluator.type == "image_text":
+            _check_source(evaluator.queries, f"evals.{name}.queries", config)
+            _check_source(evaluator.gallery, f"evals.{name}.gallery", config)
+            continue
         spec = evaluator.get("data") or config.data.eval
         _check_source(spec, f"evals.{name}.data" if evaluator.get("data") else "data.eval", config)
     if config.checkpoint_best.metric:

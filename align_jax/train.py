@@ -57,12 +57,23 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
             eval=f"tfrecord:{output / 'eval-*.tfrecord'}",
             vocab=str(output / "vocab.txt"),
         )
+        num_queries = demo.get("num_queries", 256)
         if jax.process_index() == 0 and not (output / "vocab.txt").exists():
             log.info("writing the demo dataset (%d train, %d eval images) to %s", demo.num_train, demo.num_eval, output)
-            demo_data.write(str(output), demo.num_train, demo.num_eval, demo.num_shards, demo.seed, demo.image_size)
+            demo_data.write(
+                str(output), demo.num_train, demo.num_eval, demo.num_shards, demo.seed, demo.image_size, num_queries
+            )
+        elif jax.process_index() == 0 and not list(output.glob("queries-*.tfrecord")):
+            # Demo data written before the composed-query split existed.
+            demo_data.write_image_text(str(output), num_queries, demo.seed + 2, demo.image_size)
         config.data.train = specs["train"]
         config.data.eval = config.data.eval or specs["eval"]
         config.data.vocab = config.data.vocab or specs["vocab"]
+        for evaluator in config.evals.values():
+            if evaluator.get("type") == "image_text":
+                image_text_specs = demo_data.image_text_specs(str(output))
+                evaluator.queries = evaluator.queries or image_text_specs["queries"]
+                evaluator.gallery = evaluator.gallery or image_text_specs["gallery"]
     config_lib.validate(config, jax.device_count(), jax.process_count())
     # The text tower's vocabulary follows the vocab file.
     config.model.text.vocab_size = len(read_vocab(config.data.vocab))

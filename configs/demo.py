@@ -1,14 +1,14 @@
 """The demo: the tiny model trained on the embedded demo data (rendered shapes with a noisy
 alt-text and a rich rewritten caption each, mixed VeCap-style), generated into the workdir on
-first use; held-out image<->text retrieval and zero-shot classification of the first shape are
-evaluated at the end.
+first use; held-out image<->text retrieval, zero-shot classification of the first shape and
+image+text query retrieval are evaluated at the end.
 
     make demo      # python -m align_jax.train --config configs/demo.py --workdir workdirs/demo
 """
 
 import ml_collections
 
-from align_jax.config import base_config, retrieval_eval, zeroshot_eval
+from align_jax.config import base_config, image_text_eval, retrieval_eval, zeroshot_eval
 from align_jax.input import demo_data
 from align_jax.models import presets
 
@@ -20,7 +20,7 @@ def get_config():
     # ALIGN's temperature init of 1.0 needs hundreds of steps to come down; the demo has 1200.
     config.model.temperature_init = 0.1
     config.demo_data = ml_collections.ConfigDict(
-        dict(num_train=4096, num_eval=512, num_shards=8, image_size=96, seed=0)
+        dict(num_train=4096, num_eval=512, num_shards=8, image_size=96, seed=0, num_queries=256)
     )
     # Demo images are 96 px: ALIGN's 200 px minimum would drop them all.
     config.data.filters.min_image_side = 32
@@ -43,4 +43,7 @@ def get_config():
     config.evals.zeroshot = zeroshot_eval(
         class_names=demo_data.class_names(), templates=("a {}.", "a small {}.", "a large {}.")
     )
+    # Scene + "on a black background" -> the same scene on black, among 512 gallery images that
+    # include every unchanged scene (queries and gallery: the demo data's composed-query split).
+    config.evals.image_text = image_text_eval()
     return config

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from align_jax.evaluators.image_text import ImageTextEvaluator, composed_queries, query_recall_at_k
 from align_jax.evaluators.retrieval import RetrievalEvaluator, recall_at_k
 from align_jax.evaluators.zeroshot import (
     CLIP_IMAGENET_TEMPLATES,
@@ -17,20 +18,41 @@ from align_jax.evaluators.zeroshot import (
 
 __all__ = [
     "CLIP_IMAGENET_TEMPLATES",
+    "ImageTextEvaluator",
     "RetrievalEvaluator",
     "ZeroShotEvaluator",
     "build_evaluators",
     "class_embeddings",
     "classification_metrics",
+    "composed_queries",
+    "query_recall_at_k",
     "recall_at_k",
 ]
 
 
 def build_evaluators(config: ml_collections.ConfigDict, model, mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """`config.evals` (name -> `retrieval_eval(...)` / `zeroshot_eval(...)` of `align_jax.config`)
-    -> evaluators, keyed by name (their metrics are prefixed with it)."""
+    """`config.evals` (name -> `retrieval_eval(...)`, `zeroshot_eval(...)` or `image_text_eval(...)`
+    of `align_jax.config`) -> evaluators, keyed by name (their metrics are prefixed with it)."""
     evaluators = {}
     for name, cfg in config.evals.items():
+        if cfg.type == "image_text":
+            evaluators[name] = ImageTextEvaluator(
+                model,
+                mesh,
+                queries_spec=cfg.queries,
+                gallery_spec=cfg.gallery,
+                data_config=config.data,
+                image_size=config.model.image_size,
+                max_text_length=config.model.max_text_length,
+                batch_size=cfg.batch_size or config.batch_size,
+                modifier_field=cfg.modifier_field,
+                target_field=cfg.target_field,
+                id_field=cfg.id_field,
+                text_weight=cfg.text_weight,
+                max_examples=cfg.max_examples,
+                prefix=name,
+            )
+            continue
         common = dict(
             data_spec=cfg.data or config.data.eval,
             data_config=config.data,

@@ -40,11 +40,14 @@ def _best_positive_rank(
     return jnp.sum(ahead, axis=1), jnp.any(positive, axis=1)
 
 
-def _ranks(
+def best_positive_ranks(
     queries: np.ndarray, keys: np.ndarray, query_ids: np.ndarray, key_owner: np.ndarray, chunk_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`_best_positive_rank` over query chunks of one fixed shape (the last one zero-padded, its
-    padding owning nothing), so only a `[chunk, num_keys]` score block exists at a time."""
+    """Per query, the rank (0 = first) of its best-scoring positive key, a key whose owner equals
+    the query's id, in the stable order (score descending, then key index ascending), and whether
+    it has a positive at all. Computed over query chunks of one fixed shape (the last one
+    zero-padded, its padding owning nothing), so only a `[chunk, num_keys]` score block exists at a
+    time."""
     chunk = min(chunk_size, len(queries))
     keys, key_owner = jnp.asarray(keys), jnp.asarray(key_owner)
     ranks, has_positive = [], []
@@ -83,8 +86,8 @@ def recall_at_k(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     image_ids = np.arange(len(image_embeds), dtype=np.int32)
-    t2i, _ = _ranks(text_embeds, image_embeds, text_to_image, image_ids, chunk_size)
-    i2t, has_caption = _ranks(image_embeds, text_embeds, image_ids, text_to_image, chunk_size)
+    t2i, _ = best_positive_ranks(text_embeds, image_embeds, text_to_image, image_ids, chunk_size)
+    i2t, has_caption = best_positive_ranks(image_embeds, text_embeds, image_ids, text_to_image, chunk_size)
     i2t = i2t[has_caption]
     out = {}
     for k in ks:

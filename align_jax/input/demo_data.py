@@ -4,7 +4,9 @@ Nothing is downloaded. Every image holds one or two shapes (shape, colour, size,
 coloured background; `vecap` is a rich, complete description (a "rewritten" caption, as VeCap
 makes) and `txt` a noisy alt-text (some attributes only, shuffled, web junk such as "stock
 photo" or file names). A small model learns the pairing on CPU in minutes. `label` (the first
-shape and its colour) serves classification probes.
+shape and its colour) serves classification probes. A composed-query split pairs scenes with a
+text asking for one change ("on a black background") and the changed scene, for image+text
+query retrieval.
 
     python -m align_jax.input.demo_data --output /tmp/align_demo_data
 """
@@ -50,11 +52,10 @@ def _shape_mask(shape: str, cy: float, cx: float, radius: float, size: int) -> n
     )
 
 
-def make_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, dict]:
-    """One image `[size, size, 3]` uint8 and its attributes."""
+def draw_scene(rng: np.random.Generator) -> dict:
+    """Random scene attributes: a background and one or two objects (shape, colour, size,
+    position, and a small jitter of the position, `offset`, as fractions of the image side)."""
     background = str(rng.choice(list(BACKGROUNDS)))
-    image = np.empty((size, size, 3), np.float32)
-    image[:] = BACKGROUNDS[background]
     count = int(rng.integers(1, 3))
     positions = ["left", "right"] if count == 2 else [str(rng.choice(["left", "right", "top", "bottom"]))]
     if count == 2 and rng.random() < 0.5:
@@ -62,13 +63,53 @@ def make_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, d
     objects = []
     for position in positions:
         shape, color, scale = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS))), str(rng.choice(list(SIZES)))
-        cy, cx = {"left": (0.5, 0.27), "right": (0.5, 0.73), "top": (0.27, 0.5), "bottom": (0.73, 0.5)}[position]
-        cy, cx = (cy + rng.uniform(-0.05, 0.05)) * size, (cx + rng.uniform(-0.05, 0.05)) * size
-        image[_shape_mask(shape, cy, cx, SIZES[scale] * size, size)] = COLORS[color]
-        objects.append(dict(shape=shape, color=color, size=scale, position=position))
+        offset = (float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.05, 0.05)))
+        objects.append(dict(shape=shape, color=color, size=scale, position=position, offset=offset))
+    return dict(background=background, objects=objects)
+
+
+def render_scene(attributes: dict, rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """The image `[size, size, 3]` uint8 of scene attributes, with fresh sensor noise."""
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = BACKGROUNDS[attributes["background"]]
+    for o in attributes["objects"]:
+        cy, cx = {"left": (0.5, 0.27), "right": (0.5, 0.73), "top": (0.27, 0.5), "bottom": (0.73, 0.5)}[o["position"]]
+        cy, cx = (cy + o["offset"][0]) * size, (cx + o["offset"][1]) * size
+        image[_shape_mask(o["shape"], cy, cx, SIZES[o["size"]] * size, size)] = COLORS[o["color"]]
     image += rng.normal(0, 6, image.shape)  # sensor noise, so JPEG has something to do
-    attributes = dict(background=background, objects=objects)
-    return np.clip(image, 0, 255).astype(np.uint8), attributes
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, dict]:
+    """One image `[size, size, 3]` uint8 and its attributes."""
+    attributes = draw_scene(rng)
+    return render_scene(attributes, rng, size), attributes
+
+
+MODIFICATIONS = ("background", "color", "shape", "size")
+
+
+def modify_scene(attributes: dict, rng: np.random.Generator) -> tuple[dict, str]:
+    """The scene with one attribute changed, and the text that asks for the change (in the
+    captions' words: "on a black background", "blue circle", "red triangle", "large red circle")."""
+    out = dict(background=attributes["background"], objects=[dict(o) for o in attributes["objects"]])
+    kind = str(rng.choice(MODIFICATIONS))
+
+    def other(current: str, choices) -> str:
+        return str(rng.choice([c for c in choices if c != current]))
+
+    if kind == "background":
+        out["background"] = other(out["background"], list(BACKGROUNDS))
+        return out, f"on a {out['background']} background"
+    o = out["objects"][int(rng.integers(len(out["objects"])))]
+    if kind == "color":
+        o["color"] = other(o["color"], list(COLORS))
+    elif kind == "shape":
+        o["shape"] = other(o["shape"], SHAPES)
+    else:
+        o["size"] = other(o["size"], list(SIZES))
+    words = [o["size"]] if kind == "size" else []
+    return out, " ".join([*words, o["color"], o["shape"]])
 
 
 def rich_caption(attributes: dict) -> str:
@@ -112,6 +153,24 @@ def records(num_examples: int, seed: int, image_size: int = 128) -> list[bytes]:
     return out
 
 
+def image_text_records(num_queries: int, seed: int, image_size: int = 128) -> tuple[list[bytes], list[bytes]]:
+    """Composed-query triples: query records (`jpg` a scene, `modifier` the change, `target` the id
+    of the changed scene) and gallery records (`jpg`, `id`): the changed scenes (ids 0..N-1) and,
+    as distractors that an image-only query would find first, the unchanged ones (ids N..2N-1)."""
+    rng = np.random.default_rng(seed)
+    queries, targets, references = [], [], []
+    for index in range(num_queries):
+        attributes = draw_scene(rng)
+        reference = tf.io.encode_jpeg(render_scene(attributes, rng, image_size), quality=90).numpy()
+        changed, modifier = modify_scene(attributes, rng)
+        target = tf.io.encode_jpeg(render_scene(changed, rng, image_size), quality=90).numpy()
+        key = f"{seed}-{index:07d}"
+        queries.append(encode_example(reference, dict(modifier=modifier, key=key), dict(target=index)))
+        targets.append(encode_example(target, dict(key=key), dict(id=index)))
+        references.append(encode_example(reference, dict(key=key), dict(id=num_queries + index)))
+    return queries, targets + references
+
+
 def vocab_tokens() -> list[str]:
     """A WordPiece vocab covering the demo captions (every word whole) and any other text
     (single characters and their continuations)."""
@@ -135,11 +194,14 @@ def write(
     num_shards: int = 8,
     seed: int = 0,
     image_size: int = 128,
+    num_queries: int = 256,
 ) -> dict[str, str]:
-    """Writes `train-*.tfrecord`, `eval-*.tfrecord` and `vocab.txt`; returns source specs."""
+    """Writes `train-*.tfrecord`, `eval-*.tfrecord`, the composed-query split and `vocab.txt`;
+    returns their source specs."""
     tf.io.gfile.makedirs(output_dir)
     write_tfrecords(records(num_train, seed, image_size), output_dir, num_shards, "train")
     write_tfrecords(records(num_eval, seed + 1, image_size), output_dir, max(1, num_shards // 4), "eval")
+    specs = write_image_text(output_dir, num_queries, seed + 2, image_size)
     vocab = os.path.join(output_dir, "vocab.txt")
     with tf.io.gfile.GFile(vocab, "w") as f:
         f.write("".join(t + "\n" for t in vocab_tokens()))
@@ -147,7 +209,24 @@ def write(
         train=f"tfrecord:{os.path.join(output_dir, 'train-*.tfrecord')}",
         eval=f"tfrecord:{os.path.join(output_dir, 'eval-*.tfrecord')}",
         vocab=vocab,
+        **specs,
     )
+
+
+def image_text_specs(output_dir: str) -> dict[str, str]:
+    """Source specs of the composed-query split (`queries`, `gallery`) in a demo data folder."""
+    return dict(
+        queries=f"tfrecord:{os.path.join(output_dir, 'queries-*.tfrecord')}",
+        gallery=f"tfrecord:{os.path.join(output_dir, 'gallery-*.tfrecord')}",
+    )
+
+
+def write_image_text(output_dir: str, num_queries: int = 256, seed: int = 2, image_size: int = 128) -> dict[str, str]:
+    """Writes the composed-query split `queries-*.tfrecord` and `gallery-*.tfrecord`."""
+    queries, gallery = image_text_records(num_queries, seed, image_size)
+    write_tfrecords(queries, output_dir, 1, "queries")
+    write_tfrecords(gallery, output_dir, 2, "gallery")
+    return image_text_specs(output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,8 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_shards", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_queries", type=int, default=256)
     args = parser.parse_args(argv)
-    specs = write(args.output, args.num_train, args.num_eval, args.num_shards, args.seed, args.image_size)
+    specs = write(
+        args.output, args.num_train, args.num_eval, args.num_shards, args.seed, args.image_size, args.num_queries
+    )
     print("\n".join(f"{k}: {v}" for k, v in specs.items()))
 
 
