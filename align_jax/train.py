@@ -24,8 +24,9 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
-from align_jax import checkpointing, perf
+from align_jax import checkpointing, distributed, perf
 from align_jax import config as config_lib
 from align_jax.evaluators import build_evaluators
 from align_jax.input import demo_data, filters, pipeline
@@ -58,14 +59,26 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
             vocab=str(output / "vocab.txt"),
         )
         num_queries = demo.get("num_queries", 256)
-        if jax.process_index() == 0 and not (output / "vocab.txt").exists():
-            log.info("writing the demo dataset (%d train, %d eval images) to %s", demo.num_train, demo.num_eval, output)
-            demo_data.write(
-                str(output), demo.num_train, demo.num_eval, demo.num_shards, demo.seed, demo.image_size, num_queries
-            )
-        elif jax.process_index() == 0 and not list(output.glob("queries-*.tfrecord")):
-            # Demo data written before the composed-query split existed.
-            demo_data.write_image_text(str(output), num_queries, demo.seed + 2, demo.image_size)
+
+        def write_demo_data():
+            if not (output / "vocab.txt").exists():
+                log.info(
+                    "writing the demo dataset (%d train, %d eval images) to %s", demo.num_train, demo.num_eval, output
+                )
+                demo_data.write(
+                    str(output), demo.num_train, demo.num_eval, demo.num_shards, demo.seed, demo.image_size, num_queries
+                )
+            elif not list(output.glob("queries-*.tfrecord")):
+                # Demo data written before the composed-query split existed.
+                demo_data.write_image_text(str(output), num_queries, demo.seed + 2, demo.image_size)
+
+        # Process 0 writes while the others wait; a host that does not share process 0's disk
+        # then writes its own copy (the data is deterministic).
+        if jax.process_index() == 0:
+            write_demo_data()
+        if jax.process_count() > 1:
+            distributed.host_barrier("align_jax: demo data written")
+            write_demo_data()
         config.data.train = specs["train"]
         config.data.eval = config.data.eval or specs["eval"]
         config.data.vocab = config.data.vocab or specs["vocab"]
@@ -125,8 +138,6 @@ class StopRequest:
         """Whether any process was asked to stop (all processes must stop at the same step)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
     def restore(self) -> None:
@@ -146,8 +157,6 @@ def _check_finite(step: int, metrics: dict, last_saved: int | None) -> None:
 def _skipped(batch: dict) -> dict[str, float]:
     counts = np.asarray(batch["skipped"], np.int64)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, counts.shape[-1]).sum(0)
     out = {f"skipped/{name}": float(n) for name, n in zip(filters.SKIP_REASONS, counts, strict=True)}
     out["skipped/total"] = float(counts.sum())
@@ -197,17 +206,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = build_model(config.model)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     abstract, shardings = abstract_train_state(model, config.model, tx, mesh)
-    local_batch = config.batch_size // jax.process_count()
-    dataset = pipeline.make_dataset(
+    datasets = pipeline.make_reader_datasets(
         config.data.train,
         config.data,
+        batch_size=config.batch_size,
         image_size=config.model.image_size,
         max_text_length=config.model.max_text_length,
-        batch_size=local_batch,
         train=True,
         seed=config.seed,
     )
-    iterator = pipeline.DataIterator(dataset)
+    iterator = pipeline.DataIterator(datasets)
     manager = checkpointing.training_manager(
         workdir,
         keep=config.keep_checkpoints,
@@ -228,7 +236,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = _join_state(*restored)
             log.info("resumed from the checkpoint of step %d in %s (mesh %s)", start, workdir, dict(mesh.shape))
         writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
-        step_fn = make_train_step(model, config.loss, tx, schedule, mesh, shardings, config.optimizer.freeze)
+        step_fn = make_train_step(
+            model,
+            config.loss,
+            tx,
+            schedule,
+            mesh,
+            shardings,
+            config.optimizer.freeze,
+            accum_steps=config.get("accum_steps", 1),
+        )
         evaluators = build_evaluators(config, model, mesh)
         return _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators, stop, mesh, start)
     finally:
@@ -260,7 +277,7 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
     total = config.total_steps
     num_devices = jax.device_count()
     peak = config.device_peak_flops or perf.device_peak_flops()
-    flops = None
+    flops, compiled_step = None, None
     last_saved = manager.latest_step()
     eval_results: dict[str, float] = {}
     pending = None  # (step, device metrics) of the last step, checked for NaN one step late
@@ -284,9 +301,14 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
             profiling = True
         batch = next(iterator)
         global_batch = pipeline.to_global_batch(batch, mesh)
-        if flops is None:
-            flops = perf.step_flops(step_fn.jitted.lower(state, global_batch)) or 0.0
-        state, metrics = step_fn(state, global_batch)
+        if compiled_step is None:
+            # Model FLOPs from the step without accumulation: XLA counts a loop body once.
+            flops = perf.step_flops(step_fn.flops_jitted.lower(state, global_batch)) or 0.0
+            compiled_step = step_fn.jitted.lower(state, global_batch).compile()
+            # Hosts finish compiling at different times; the step's first collective must not
+            # wait on a slower host's compile.
+            distributed.host_barrier("align_jax: train step compiled")
+        state, metrics = compiled_step(state, global_batch)
         if pending is not None:  # the previous step's values: waits for it, not for this one
             _check_finite(*pending, last_saved)
         done = step + 1
@@ -380,6 +402,13 @@ def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
+    try:
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except distributed.DistributedFlagsError as e:
+        log.error("%s", e)
+        sys.exit(1)
+    if jax.process_index() > 0:  # one log for the run: process 0's (errors and warnings from all)
+        log.setLevel(logging.WARNING)
     enable_compilation_cache()
     config = FLAGS.config
     try:
@@ -387,7 +416,8 @@ def main(argv: list[str]) -> None:
     except (config_lib.ConfigError, NonFiniteError) as e:
         log.error("%s", e)
         sys.exit(1)
-    print(json.dumps(result, sort_keys=True))
+    if jax.process_index() == 0:
+        print(json.dumps(result, sort_keys=True))
 
 
 def _define_flags():
@@ -396,6 +426,9 @@ def _define_flags():
 
     config_flags.DEFINE_config_file("config", None, "training config file (configs/NAME.py)", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and config.json (resumed if it has them)")
+    flags.DEFINE_string("coordinator_address", None, "multi-process runs: HOST:PORT of process 0's coordinator")
+    flags.DEFINE_integer("num_processes", None, "multi-process runs: the number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process runs: this process's index, 0 .. num_processes - 1")
     flags.mark_flags_as_required(["config", "workdir"])
     return flags.FLAGS
 

@@ -267,13 +267,65 @@ def test_iterator_resumes_exactly(demo, tmp_path):
     iterator = pipeline.DataIterator(_dataset(specs["train"], config))
     for _ in range(5):
         next(iterator)
-    path = iterator.save(str(tmp_path / "position"))
+    iterator.save(str(tmp_path / "position"))
     expected = [next(iterator) for _ in range(15)]  # crosses an epoch boundary (96 examples)
     resumed = pipeline.DataIterator(_dataset(specs["train"], config))
-    resumed.restore(path)
+    resumed.restore(str(tmp_path / "position"))
     for want, got in zip(expected, (next(resumed) for _ in range(15)), strict=True):
         for key in want:
             np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_readers_make_the_same_global_batches_on_any_number_of_processes(demo, tmp_path):
+    _, specs = demo
+    config = _config(specs["vocab"], captions={"txt": 0.5, "vecap": 0.5}, num_readers=4)
+    assert list(pipeline.local_readers(4, 1, 2)) == [2, 3]
+    with pytest.raises(ValueError, match="num_readers 4 is not divisible by the 3 processes"):
+        pipeline.local_readers(4, 0, 3)
+    with pytest.raises(ValueError, match="batch_size 10 is not divisible by data.num_readers 4"):
+        pipeline.make_reader_datasets(
+            specs["train"], config, batch_size=10, image_size=IMAGE_SIZE, max_text_length=TEXT_LENGTH, train=True
+        )
+    # One process running all four readers; two processes running two each (emulated here by
+    # building each process's readers explicitly): the global batches are the same.
+    one = pipeline.DataIterator(
+        pipeline.make_reader_datasets(
+            specs["train"], config, batch_size=16, image_size=IMAGE_SIZE, max_text_length=TEXT_LENGTH, train=True
+        )
+    )
+
+    def process_readers(index):
+        return pipeline.DataIterator(
+            {
+                r: _dataset(specs["train"], config, batch_size=4, process_index=r, process_count=4)
+                for r in pipeline.local_readers(4, index, 2)
+            }
+        )
+
+    two = [process_readers(0), process_readers(1)]
+    for _ in range(3):
+        batch = next(one)
+        halves = [next(it) for it in two]
+        assert batch["images"].shape[0] == 16
+        for key in ("images", "input_ids", "attention_mask"):
+            np.testing.assert_array_equal(batch[key], np.concatenate([h[key] for h in halves]))
+        np.testing.assert_array_equal(batch["skipped"], halves[0]["skipped"] + halves[1]["skipped"])
+    # Positions saved by the two "processes" restore in the one, reader by reader.
+    for it in two:
+        it.save(str(tmp_path / "position"))
+    expected = [np.concatenate([next(it)["input_ids"] for it in two]) for _ in range(4)]
+    fresh = pipeline.DataIterator(
+        pipeline.make_reader_datasets(
+            specs["train"], config, batch_size=16, image_size=IMAGE_SIZE, max_text_length=TEXT_LENGTH, train=True
+        )
+    )
+    fresh.restore(str(tmp_path / "position"))
+    for want in expected:
+        np.testing.assert_array_equal(next(fresh)["input_ids"], want)
+    # Restoring with another number of readers names what the checkpoint holds.
+    other = pipeline.DataIterator({5: _dataset(specs["train"], config, process_index=5, process_count=8)})
+    with pytest.raises(FileNotFoundError, match=r"no input position for reader 5 \(it has \['reader_0'"):
+        other.restore(str(tmp_path / "position"))
 
 
 # --- bad records -----------------------------------------------------------------------------

@@ -188,15 +188,97 @@ def test_one_device_run_matches_eight_devices(demo_dir, reference, tmp_path):
     workdir = tmp_path / "one_device"
     _run(_command(demo_dir, workdir), env=_env(device_count=1))
     assert checkpointing.load_config(workdir).mesh == checkpointing.load_config(reference["workdir"]).mesh
-    # Summation order differs between 1 and 8 devices. Leaves whose gradient is zero in exact
-    # arithmetic (attention key biases; biases of a BatchNorm whose output reaches another
-    # BatchNorm through a linear map; the running means downstream of those) hold float32 noise
-    # that Adam scales up to ~1e-5, so they agree only to an absolute 5e-5; all others to 1e-4.
-    one, eight = _model_variables(workdir), _model_variables(reference["workdir"])
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(eight), strict=True):
+    _assert_equal_up_to_summation_order(_model_variables(workdir), _model_variables(reference["workdir"]))
+
+
+def _assert_equal_up_to_summation_order(a, b):
+    """For runs whose cross-device sums run in another order (1 vs 8 devices, 2 processes vs 1).
+    Leaves whose gradient is zero in exact arithmetic (attention key biases; biases of a BatchNorm
+    whose output reaches another BatchNorm through a linear map; the running means downstream of
+    those) hold float32 noise that Adam scales up to ~1e-5, so they agree only to an absolute 5e-5;
+    all others to 1e-4."""
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(
-            np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
+            np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(demo_dir, reference, tmp_path):
+    """jax.distributed on localhost: 2 processes x 4 CPU devices (gloo collectives) train the same
+    mesh as the 1-process 8-device reference, each process reading its own reader (one of the
+    config's two) of the data; then one process resumes their step-3 checkpoint."""
+    workdir = tmp_path / "two_processes"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _command(
+                demo_dir,
+                workdir,
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+            env=_env(device_count=4),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (_, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-4000:]
+    (out0, err0), (out1, err1) = outputs
+    # One log and one result line for the run: process 0's.
+    assert "step 6/6" in err0 and "step 6/6" not in err1
+    result = json.loads(out0.strip().splitlines()[-1])
+    assert not [line for line in out1.splitlines() if line.startswith("{")]  # (gloo prints its own lines)
+    # Same parameters as one process on 8 devices, up to the order of the cross-process sums.
+    one = _model_variables(reference["workdir"])
+    _assert_equal_up_to_summation_order(_model_variables(workdir), one)
+    # The evaluators ran on both processes' shares of the held-out set.
+    for key in ("retrieval/num_images", "zeroshot/num_images", "retrieval/i2t_r1", "zeroshot/top1"):
+        assert result[key] == pytest.approx(reference["result"][key]), key
+    losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
+    expected = [r["loss"] for r in read_metrics(reference["workdir"]) if "loss" in r]
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)  # the losses agree closer than the parameters
+
+    # The 2-process checkpoint of step 3 (model, optimizer, both readers' positions) restores in
+    # one process, which then finishes the run as the reference did.
+    resumed = tmp_path / "resumed_in_one"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    proc = _run(_command(demo_dir, resumed))
+    assert "resumed from the checkpoint of step 3" in proc.stderr
+    _assert_equal_up_to_summation_order(_model_variables(resumed), one)
+
+
+def test_distributed_flags_go_together(demo_dir, tmp_path):
+    proc = subprocess.run(
+        _command(demo_dir, tmp_path / "w", "--num_processes=2"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1
+    assert "--coordinator_address, --num_processes and --process_id must be given together" in proc.stderr
 
 
 @pytest.mark.parametrize("mesh", [[("data", 1), ("fsdp", 1)], [("data", 4), ("fsdp", 1)], [("data", 2), ("fsdp", 2)]])

@@ -212,3 +212,35 @@ def test_frozen_image_tower_and_sigmoid_loss(setup):
     assert changed(before.params["text_tower"], after.params["text_tower"])
     assert after.params["logit_bias"] != before.params["logit_bias"]
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_bfloat16_compute_keeps_float32_state_and_tracks_the_float32_step(setup):
+    """bf16 towers: parameters, optimizer state, BatchNorm statistics, embeddings and the loss
+    stay float32, and the loss and gradients are those of the float32 step to bf16 precision."""
+    config = setup["config"].copy_and_resolve_references()
+    config.dtype = "bfloat16"
+    model = build_model(config)
+    mesh = sharding.make_mesh([("data", 8), ("fsdp", 1)])
+    state, shardings = train_step.create_train_state(model, config, setup["tx"], mesh, jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.batch_stats, state.opt_state))} == {
+        jnp.dtype("float32"),
+        jnp.dtype("int32"),
+    }
+    loss_fn = train_step.make_loss_fn(train_step.default_loss_config(), mesh)
+    grad_fn = jax.jit(train_step.make_loss_and_grad_fn(model, loss_fn))
+    batch = jax.device_put(setup["batches"][0], sharding.batch_sharding(mesh))
+    (loss, _), grads = grad_fn(state.params, state.batch_stats, batch, jax.random.key(1))
+    assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    np.testing.assert_allclose(loss, setup["loss"], rtol=2e-2)
+    flat, reference = jax.tree.leaves(grads), jax.tree.leaves(setup["grads"])
+    cosine = [
+        float(np.vdot(g, r) / (np.linalg.norm(g) * np.linalg.norm(r)))
+        for g, r in zip(flat, reference, strict=True)
+        if np.linalg.norm(r) > 1e-3 * max(np.linalg.norm(x) for x in reference)
+    ]
+    assert min(cosine) > 0.95, sorted(cosine)[:5]
+    step = train_step.make_train_step(
+        model, train_step.default_loss_config(), setup["tx"], setup["schedule"], mesh, shardings
+    )
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and state.params["temperature"].dtype == jnp.float32

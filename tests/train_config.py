@@ -19,6 +19,8 @@ def get_config(demo_dir: str = ""):
     config.data.filters.min_image_side = 16
     config.data.captions = {"txt": 0.5, "vecap": 0.5}
     config.data.shuffle_buffer = 64
+    # Two input readers whatever the process count: a 2-process run reads the same batches as one.
+    config.data.num_readers = 2
     config.batch_size = 16
     config.total_steps = 6
     config.optimizer.warmup_steps = 2

@@ -47,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
             tfds_image_key="image",
             resize_size=0,  # training resize before the random crop; 0: 346/289 of image_size
             random_flip=True,  # ALIGN flips; turn off when captions name left and right
+            # Input streams making up the global batch, each reading 1/num_readers of the data;
+            # every process runs num_readers / process_count of them. 0: one per process. Fixing
+            # it makes the batches (and a checkpoint's data position) independent of how many
+            # processes run: a 64-host run resumes on 32 hosts, or on one, at the same example.
+            num_readers=0,
             shuffle_buffer=10_000,
             num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
             prefetch=2,
@@ -367,25 +372,72 @@ def make_dataset(
     return ds.with_options(options).prefetch(config.prefetch)
 
 
-class DataIterator:
-    """NumPy batches from a dataset, with a position that can be saved and restored exactly."""
+def local_readers(num_readers: int, process_index: int | None = None, process_count: int | None = None) -> range:
+    """The reader indices this process runs: a contiguous block, so the global batch is the
+    readers' batches in reader order, whatever the number of processes."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    num_readers = num_readers or process_count
+    if num_readers % process_count:
+        raise ValueError(f"data.num_readers {num_readers} is not divisible by the {process_count} processes")
+    per_process = num_readers // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)
 
-    def __init__(self, dataset: tf.data.Dataset):
-        self._iterator = iter(dataset)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+def make_reader_datasets(
+    spec: str, config: ml_collections.ConfigDict, *, batch_size: int, **kwargs
+) -> dict[int, tf.data.Dataset]:
+    """This process's readers of the global batch `batch_size` (`config.num_readers`, see
+    `default_config`): reader r reads share r of num_readers and yields batch_size / num_readers
+    rows. `kwargs` go to `make_dataset`."""
+    num_readers = config.get("num_readers", 0) or jax.process_count()
+    if batch_size % num_readers:
+        raise ValueError(f"batch_size {batch_size} is not divisible by data.num_readers {num_readers}")
+    return {
+        r: make_dataset(
+            spec, config, batch_size=batch_size // num_readers, process_index=r, process_count=num_readers, **kwargs
+        )
+        for r in local_readers(num_readers)
+    }
+
+
+class DataIterator:
+    """NumPy batches from one or several readers (concatenated in reader order, skip counts
+    summed), with a position that can be saved and restored exactly, reader by reader."""
+
+    def __init__(self, datasets: tf.data.Dataset | dict[int, tf.data.Dataset]):
+        if isinstance(datasets, tf.data.Dataset):
+            datasets = {jax.process_index(): datasets}
+        self._iterators = {r: iter(ds) for r, ds in sorted(datasets.items())}
+        self._checkpoints = {r: tf.train.Checkpoint(iterator=it) for r, it in self._iterators.items()}
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in next(self._iterator).items()}
+        batches = [{k: v.numpy() for k, v in next(it).items()} for it in self._iterators.values()]
+        if len(batches) == 1:
+            return batches[0]
+        return {
+            k: sum(b[k] for b in batches) if k == "skipped" else np.concatenate([b[k] for b in batches])
+            for k in batches[0]
+        }
 
-    def save(self, prefix: str) -> str:
-        """Writes the position (shuffle buffers included) under `prefix`; returns the path."""
-        return self._checkpoint.write(prefix)
+    def save(self, directory: str) -> list[str]:
+        """Writes each reader's position (shuffle buffers included) as `directory/reader_<r>`."""
+        return [c.write(os.path.join(directory, f"reader_{r}")) for r, c in self._checkpoints.items()]
 
-    def restore(self, path: str) -> None:
-        self._checkpoint.read(path).assert_consumed()
+    def restore(self, directory: str) -> None:
+        for r, checkpoint in self._checkpoints.items():
+            prefix = os.path.join(directory, f"reader_{r}")
+            if not tf.io.gfile.exists(prefix + ".index"):
+                saved = sorted(f.split(".")[0] for f in tf.io.gfile.listdir(directory) if f.endswith(".index"))
+                raise FileNotFoundError(
+                    f"{directory} holds no input position for reader {r} (it has {saved}): the checkpoint was "
+                    f"written with another data.num_readers; set it to the number of readers listed, or "
+                    "restore the model alone and start a fresh data pass"
+                )
+            checkpoint.read(prefix).assert_consumed()
 
 
 def skip_counts(batch: dict) -> dict[str, int]:

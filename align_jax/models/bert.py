@@ -1,4 +1,9 @@
-"""BERT text tower (post-LayerNorm, exact GELU), computing what HF's `AlignTextModel` computes."""
+"""BERT text tower (post-LayerNorm, exact GELU), computing what HF's `AlignTextModel` computes.
+
+`remat` and `scan_layers` are as in `align_jax.models.vit`. With `scan_layers=True` the layers'
+parameters are stacked under `layers` instead of `layer_{i}`: the HF importer and checkpoints
+written unscanned need `layers.stack_layers` first.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from align_jax.models.layers import repeat_layers
 
 # (hidden, layers, heads, intermediate)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -49,6 +56,8 @@ def bert_config(size: str, vocab_size: int = 30522, **overrides: Any) -> ml_coll
             hidden_dropout=0.1,
             attention_dropout=0.1,
             activation="gelu",
+            remat="none",
+            scan_layers=False,
         )
     )
     config.update(overrides)
@@ -117,6 +126,8 @@ class Bert(nn.Module):
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     activation: str = "gelu"
+    remat: str = "none"  # 'none', 'full' or 'dots' (see align_jax.models.vit)
+    scan_layers: bool = False
     dtype: Any = jnp.float32
 
     @property
@@ -139,15 +150,27 @@ class Bert(nn.Module):
         x = x + embed(self.type_vocab_size, name="token_type_embeddings")(jnp.zeros_like(input_ids))
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="embeddings_ln")(x)
         x = nn.Dropout(self.hidden_dropout)(x, deterministic=not train).astype(self.dtype)
-        for i in range(self.num_layers):
-            x = TransformerLayer(
-                self.num_heads,
-                self.intermediate_size,
-                self.layer_norm_eps,
-                self.hidden_dropout,
-                self.attention_dropout,
-                self.activation,
-                self.dtype,
-                name=f"layer_{i}",
-            )(x, attention_mask, train)
-        return x
+        fields = dict(
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            layer_norm_eps=self.layer_norm_eps,
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            activation=self.activation,
+            dtype=self.dtype,
+        )
+        return repeat_layers(
+            TransformerLayer,
+            fields,
+            self.num_layers,
+            x,
+            attention_mask,
+            train=train,
+            remat=self.remat,
+            scan=self.scan_layers,
+        )
+
+    def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """`[N, L, D]` states -> `[N, D]`: the [CLS] state, as ALIGN (and HF) embed text."""
+        del attention_mask
+        return hidden[:, 0]

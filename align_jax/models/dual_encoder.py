@@ -12,6 +12,8 @@ import ml_collections
 
 from align_jax.models.bert import Bert
 from align_jax.models.efficientnet import EfficientNet
+from align_jax.models.text_transformer import TextTransformer
+from align_jax.models.vit import ViT
 
 _NORM_EPS = 1e-12
 
@@ -33,7 +35,8 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 class DualEncoder(nn.Module):
     """ALIGN: image embedding = pooled image tower (Dense-projected only when its width differs
     from `embed_dim`, as coyo-align does for non-B7 backbones); text embedding = Dense on the
-    [CLS] state; both L2-normalised; logits = similarity / learnable temperature."""
+    text tower's pooled state (its `pool`: [CLS] for BERT, the last token for the CLIP-style
+    Transformer); both L2-normalised; logits = similarity / learnable temperature."""
 
     image_tower: nn.Module
     text_tower: nn.Module
@@ -66,7 +69,7 @@ class DualEncoder(nn.Module):
     def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
         """Token ids and mask `[N, L]` -> unit-norm float32 embeddings `[N, embed_dim]`."""
         hidden = self.text_tower(input_ids, attention_mask, train=train)
-        features = self.text_projection(hidden[:, 0])
+        features = self.text_projection(self.text_tower.pool(hidden, attention_mask))
         return l2_normalize(features.astype(jnp.float32))
 
     def __call__(
@@ -91,18 +94,28 @@ def _module_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in config.to_dict().items()}
 
 
+IMAGE_TOWERS: dict[str, type[nn.Module]] = {"efficientnet": EfficientNet, "vit": ViT}
+TEXT_TOWERS: dict[str, type[nn.Module]] = {"bert": Bert, "transformer": TextTransformer}
+
+
 def build_model(config: ml_collections.ConfigDict) -> DualEncoder:
-    """The DualEncoder described by a model config (see `align_jax.models.presets`)."""
+    """The DualEncoder described by a model config (see `align_jax.models.presets`); a tower
+    config without `type` is EfficientNet / BERT (configs written before there was a choice)."""
     dtype = jnp.dtype(config.get("dtype", "float32"))
-    if config.image.get("type", "efficientnet") != "efficientnet":
-        raise ValueError(f"model.image.type: unknown image tower {config.image.type!r}")
-    if config.text.get("type", "bert") != "bert":
-        raise ValueError(f"model.text.type: unknown text tower {config.text.type!r}")
+    image_type = config.image.get("type", "efficientnet")
+    text_type = config.text.get("type", "bert")
+    if image_type not in IMAGE_TOWERS:
+        raise ValueError(f"model.image.type: unknown image tower {image_type!r}; expected one of {list(IMAGE_TOWERS)}")
+    if text_type not in TEXT_TOWERS:
+        raise ValueError(f"model.text.type: unknown text tower {text_type!r}; expected one of {list(TEXT_TOWERS)}")
     image_fields = {k: v for k, v in _module_fields(config.image).items() if k != "type"}
     text_fields = {k: v for k, v in _module_fields(config.text).items() if k != "type"}
+    if image_type == "vit":
+        # The input size the position embeddings are laid out for is the model's image size.
+        image_fields = {"image_size": config.image_size, **image_fields}
     return DualEncoder(
-        image_tower=EfficientNet(**image_fields, dtype=dtype),
-        text_tower=Bert(**text_fields, dtype=dtype),
+        image_tower=IMAGE_TOWERS[image_type](**image_fields, dtype=dtype),
+        text_tower=TEXT_TOWERS[text_type](**text_fields, dtype=dtype),
         embed_dim=config.embed_dim,
         temperature_init=config.temperature_init,
         logit_bias_init=config.get("logit_bias_init"),

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from align_jax.models.layers import remat_block
 from align_jax.models.norms import BatchNorm
 
 # (width, depth, native resolution) per variant, from the EfficientNet and Noisy Student papers.
@@ -81,6 +82,7 @@ def efficientnet_config(variant: str, **overrides: Any) -> ml_collections.Config
             drop_connect_mode="per_example",
             bn_group_size=None,
             depthwise_impl="auto",
+            remat="none",
         )
     )
     config.update(overrides)
@@ -309,6 +311,7 @@ class EfficientNet(nn.Module):
     drop_connect_mode: str = "per_example"
     bn_group_size: int | None = None  # None: statistics over the whole batch; else per group
     depthwise_impl: str = "auto"  # see DepthwiseConv
+    remat: str = "none"  # MBConv blocks: 'none', 'full' or 'dots' (see align_jax.models.vit)
     dtype: Any = jnp.float32
 
     def blocks(self) -> tuple[BlockSpec, ...]:
@@ -363,8 +366,9 @@ class EfficientNet(nn.Module):
             name="stem_bn",
         )(x)
         x = act(x)
+        block = remat_block(MBConvBlock, self.remat, static_argnums=(2,))  # (self, x, train)
         for i, spec in enumerate(self.blocks()):
-            x = MBConvBlock(
+            x = block(
                 spec,
                 self.squeeze_expansion_ratio,
                 self.activation,

@@ -12,6 +12,8 @@ import ml_collections
 
 from align_jax.models.bert import bert_config
 from align_jax.models.efficientnet import efficientnet_config
+from align_jax.models.text_transformer import text_transformer_config
+from align_jax.models.vit import vit_config
 
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased, as used by ALIGN and kakaobrain/align-base
 
@@ -59,11 +61,31 @@ def tiny() -> ml_collections.ConfigDict:
     return model_config(image, bert_config("tiny", 1024), 64, 64, 16)
 
 
+def vit_b16_bert_base() -> ml_collections.ConfigDict:
+    """ALIGN with a ViT-B/16 image tower at 224 px (as in LiT/CLIP) + BERT-base; the embedding is
+    the ViT width, so, like align-base, the image tower needs no projection."""
+    return model_config(vit_config("B/16"), bert_config("base", BERT_VOCAB_SIZE), 768, 224, 64)
+
+
+def clip_b16() -> ml_collections.ConfigDict:
+    """CLIP ViT-B/16's shape: ViT-B/16 at 224 px + the 512-wide causal Transformer text tower,
+    512-d embeddings (here with the WordPiece vocabulary)."""
+    return model_config(vit_config("B/16"), text_transformer_config("base", BERT_VOCAB_SIZE), 512, 224, 64)
+
+
+def tiny_vit() -> ml_collections.ConfigDict:
+    """The ViT / Transformer counterpart of `tiny`: 32-wide towers at 32 px with 8 px patches."""
+    return model_config(vit_config("tiny/8"), text_transformer_config("tiny", 1024), 32, 32, 16)
+
+
 PRESETS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     "align_base": align_base,
     "align_l2": align_l2,
     "small": small,
     "tiny": tiny,
+    "vit_b16_bert_base": vit_b16_bert_base,
+    "clip_b16": clip_b16,
+    "tiny_vit": tiny_vit,
 }
 
 

@@ -1,0 +1,378 @@
+"""align_jax against Hugging Face `AlignModel` (PyTorch, CPU): the matched configs, the HF model
+built from an align_jax config, and the paired-rounds driver that train_throughput.py and
+embed_throughput.py share.
+
+Fairness rules (issue 8):
+- The same model: the HF config is derived from ours field by field (`hf_config_dict`), and our
+  configs are adjusted where HF cannot follow them (`matched_config`): drop-connect element-wise
+  as HF implements it, and an embedding as wide as the image tower (HF has no image projection).
+- The same inputs: one synthetic batch (`synthetic_batch`), uint8 pixels for align_jax (scaled on
+  the device), the same pixels as float32 in [-1, 1] for PyTorch.
+- Separate processes: every measurement is a fresh worker process, align_jax and PyTorch
+  alternating which runs first in each round, so thread pools, allocator state and page caches
+  do not leak from one into the other.
+- The same environment: the workers get one allocator setting (`ALLOCATOR_ENV`: glibc malloc with
+  mmap off and trimming off, so freed activations are reused instead of returned to the kernel and
+  faulted in again) and the same cores (`--threads`; fewer than the machine's pins both to the
+  first cores). PyTorch gets its best CPU settings: `torch.set_num_threads`, channels_last
+  weights and pixels, oneDNN (default), SDPA attention (HF's default), fused AdamW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import common
+
+REPO = Path(__file__).resolve().parents[1]
+ALLOCATOR_ENV = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+CONFIGS = ("tiny", "small", "bert_heavy")
+SEED = 0
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def matched_config(name: str):
+    """Our model config `name` (benchmarks.mfu's tiny / small / bert_heavy) as HF can express it."""
+    from align_jax.models import build_model
+    from benchmarks.mfu import model_configs
+
+    config = model_configs()[name]()
+    config.dtype = "float32"
+    # HF's port applies drop-connect as element-wise dropout; our presets drop whole examples.
+    config.image.drop_connect_mode = "elementwise"
+    # HF has no image projection: the embedding is the image tower's width (320 for B0 already;
+    # the tiny preset's 80-wide tower otherwise projects to 64).
+    config.embed_dim = build_model(config).image_tower.features
+    return config
+
+
+def hf_config_dict(config) -> dict:
+    """The HF `AlignConfig` kwargs of the model an align_jax config describes (the inverse of
+    `align_jax.tools.convert_hf.model_config_from_hf`)."""
+    image, text = config.image, config.text
+    activations = {"gelu": "gelu", "relu": "relu", "swish": "swish", "silu": "silu"}
+    return dict(
+        vision_config=dict(
+            num_channels=3,
+            image_size=int(config.image_size),
+            width_coefficient=float(image.width_coefficient),
+            depth_coefficient=float(image.depth_coefficient),
+            depth_divisor=int(image.depth_divisor),
+            kernel_sizes=list(image.kernel_sizes),
+            in_channels=list(image.in_channels),
+            out_channels=list(image.out_channels),
+            strides=list(image.strides),
+            num_block_repeats=list(image.num_block_repeats),
+            expand_ratios=list(image.expand_ratios),
+            depthwise_padding=list(image.depthwise_padding),
+            squeeze_expansion_ratio=float(image.squeeze_expansion_ratio),
+            hidden_act=image.activation,
+            pooling_type=image.pooling,
+            batch_norm_eps=float(image.bn_epsilon),
+            drop_connect_rate=float(image.drop_connect_rate),
+        ),
+        text_config=dict(
+            vocab_size=int(text.vocab_size),
+            hidden_size=int(text.hidden_size),
+            num_hidden_layers=int(text.num_layers),
+            num_attention_heads=int(text.num_heads),
+            intermediate_size=int(text.intermediate_size),
+            hidden_act=activations[text.activation],
+            hidden_dropout_prob=float(text.hidden_dropout),
+            attention_probs_dropout_prob=float(text.attention_dropout),
+            max_position_embeddings=int(text.max_position_embeddings),
+            type_vocab_size=int(text.type_vocab_size),
+            layer_norm_eps=float(text.layer_norm_eps),
+        ),
+        projection_dim=int(config.embed_dim),
+        temperature_init_value=float(config.temperature_init),
+    )
+
+
+def synthetic_batch(config, batch: int) -> dict[str, np.ndarray]:
+    """Random pixels (uint8, NHWC) and full-length token ids, the same in both workers."""
+    rng = np.random.default_rng(SEED)
+    size, length = config.image_size, config.max_text_length
+    return dict(
+        images=rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        input_ids=rng.integers(5, config.text.vocab_size, (batch, length), dtype=np.int32),
+        attention_mask=np.ones((batch, length), np.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+
+
+def configure_torch(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(SEED)
+
+
+def build_hf_model(config):
+    """A randomly initialised HF `AlignModel` of the same shape as `config`, channels_last."""
+    import torch
+    from transformers import AlignConfig, AlignModel
+
+    model = AlignModel(AlignConfig(**hf_config_dict(config)))
+    model.vision_model.to(memory_format=torch.channels_last)
+    return model
+
+
+def torch_inputs(batch: dict[str, np.ndarray]) -> dict:
+    """Our batch as HF takes it: float pixels in [-1, 1] (NCHW, channels_last), int64 ids."""
+    import torch
+
+    pixels = torch.from_numpy(batch["images"].astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    return dict(
+        pixel_values=pixels.contiguous(memory_format=torch.channels_last),
+        input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)),
+        attention_mask=torch.from_numpy(batch["attention_mask"].astype(np.int64)),
+    )
+
+
+def maybe_compile(fn: Callable, mode: str) -> tuple[Callable, str]:
+    """`torch.compile(fn)` when `mode` is 'inductor', else `fn` ('eager')."""
+    if mode == "eager":
+        return fn, "eager"
+    import torch
+
+    return torch.compile(fn), "inductor"
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+
+def one_device_mesh():
+    import jax
+
+    from align_jax.sharding import make_mesh
+
+    return make_mesh([("data", -1), ("fsdp", 1)], devices=jax.devices()[:1])
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_steps(run_step: Callable[[], None], warmup: int, steps: int) -> list[float]:
+    """Seconds per step of `steps` calls after `warmup` untimed ones (`run_step` must block)."""
+    for _ in range(warmup):
+        run_step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def worker_result(framework: str, config_name: str, batch: int, times: list[float], **extra) -> dict:
+    return dict(
+        framework=framework,
+        config=config_name,
+        batch=batch,
+        step_s=times,
+        img_s=batch * len(times) / sum(times),
+        **extra,
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def add_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {CONFIGS}")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the two frameworks")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per worker, after warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per worker (after compilation)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--torch_mode",
+        default="eager",
+        choices=("eager", "inductor"),
+        help="PyTorch execution: eager (oneDNN kernels) or torch.compile's inductor",
+    )
+    parser.add_argument(
+        "--allocator_env",
+        default=ALLOCATOR_ENV,
+        help="GLIBC_TUNABLES given to both workers ('' leaves the environment's)",
+    )
+    parser.add_argument("--no_results", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+
+
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of both workers: one allocator setting, one device, `threads` threads."""
+    env = dict(os.environ)
+    if args.allocator_env:
+        env["GLIBC_TUNABLES"] = args.allocator_env
+    # One CPU device (the test suite's emulated devices would split the batch).
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    env["XLA_FLAGS"] = flags
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(args.threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def pin_threads(threads: int) -> None:
+    """Fewer threads than cores: both frameworks run on the first `threads` cores (XLA sizes its
+    pool from the affinity mask; PyTorch from `set_num_threads`)."""
+    if threads < (os.cpu_count() or 1) and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(threads))
+
+
+def run_worker(module: str, framework: str, config_name: str, args: argparse.Namespace) -> dict:
+    """One fresh process measuring one framework on one config; its last stdout line is JSON."""
+    command = [
+        sys.executable,
+        "-m",
+        module,
+        "--worker",
+        framework,
+        "--configs",
+        config_name,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--torch_mode",
+        args.torch_mode,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, env=worker_env(args), cwd=REPO)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{framework} worker for {config_name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers")}
+
+
+def busy_pytest() -> bool:
+    """Whether a pytest run shares the machine (timings taken then are noisier)."""
+    result = subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, text=True)
+    own = {str(os.getpid()), str(os.getppid())}
+    return any(pid not in own for pid in result.stdout.split())
+
+
+def compare(
+    module: str,
+    args: argparse.Namespace,
+    targets: dict[str, float],
+    jax_extra: tuple[str, ...] = (),
+    torch_extra: tuple[str, ...] = (),
+) -> dict:
+    """Runs `args.rounds` alternating rounds per config and returns the summary: per config the
+    medians over rounds of each framework's img/s, and ratio = align_jax / torch."""
+    results = {}
+    rounds_log = []
+    busy = False
+    for name in args.configs.split(","):
+        per = {"jax": [], "torch": []}
+        for r in range(args.rounds):
+            order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
+            for framework in order:
+                busy = busy or busy_pytest()
+                out = run_worker(module, framework, name, args)
+                per[framework].append(out)
+                rounds_log.append(out)
+                print(
+                    f"{name} round {r}: {framework} {out['img_s']:.2f} img/s "
+                    f"({statistics.median(out['step_s']) * 1e3:.0f} ms/step)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        jax_img_s = statistics.median(o["img_s"] for o in per["jax"])
+        torch_img_s = statistics.median(o["img_s"] for o in per["torch"])
+        entry = dict(
+            align_jax_img_s=round(jax_img_s, 3),
+            torch_img_s=round(torch_img_s, 3),
+            ratio=round(jax_img_s / torch_img_s, 3),
+            paired_ratio_median=round(
+                statistics.median(j["img_s"] / t["img_s"] for j, t in zip(per["jax"], per["torch"], strict=True)), 3
+            ),
+            align_jax_img_s_rounds=[round(o["img_s"], 3) for o in per["jax"]],
+            torch_img_s_rounds=[round(o["img_s"], 3) for o in per["torch"]],
+            torch_mode=per["torch"][0]["torch_mode"],
+        )
+        for key in jax_extra:
+            entry[f"align_jax_{key}"] = statistics.median(o[key] for o in per["jax"])
+        for key in torch_extra:
+            entry[f"torch_{key}"] = statistics.median(o[key] for o in per["torch"])
+        if name in targets:
+            entry["target_ratio"] = targets[name]
+            entry["target_met"] = entry["ratio"] >= targets[name]
+        results[name] = entry
+    return dict(
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        threads=args.threads,
+        batch=args.batch,
+        rounds=args.rounds,
+        steps=args.steps,
+        warmup=args.warmup,
+        env=dict(GLIBC_TUNABLES=args.allocator_env or os.environ.get("GLIBC_TUNABLES", "")),
+        versions=versions(),
+        pytest_running=busy,
+        results=results,
+    )
+
+
+def results_table(summary: dict, unit: str) -> str:
+    rows = [
+        f"| config | align_jax {unit} | PyTorch {unit} | ratio | per-round ratios (median) | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in summary["results"].items():
+        target = f">= {r['target_ratio']}" if "target_ratio" in r else "-"
+        met = ("yes" if r["target_met"] else "**no**") if "target_ratio" in r else "-"
+        rows.append(
+            f"| {name} | {r['align_jax_img_s']:.2f} | {r['torch_img_s']:.2f} | {r['ratio']:.2f} | "
+            f"{r['paired_ratio_median']:.2f} | {target} | {met} |"
+        )
+    return "\n".join(rows)
+
+
+def environment_line(summary: dict, command: str) -> str:
+    v = summary["versions"]
+    busy = (
+        " **A pytest suite was running on the machine during these timings** (it stayed busy past the "
+        "40-minute wait), so absolute rates are lower and noisier than on an idle machine; both frameworks "
+        "shared the same conditions, alternating."
+        if summary["pytest_running"]
+        else ""
+    )
+    return (
+        f"`{command}` on {summary['machine']} ({summary['threads']} threads), batch {summary['batch']}, "
+        f"float32, {summary['rounds']} rounds x {summary['steps']} timed steps after {summary['warmup']} "
+        f"warm-up steps, each framework in its own process per round, order alternating. "
+        f"Both under `GLIBC_TUNABLES={summary['env']['GLIBC_TUNABLES']}`. jax {v['jax']} / flax {v['flax']} / "
+        f"optax {v['optax']}; torch {v['torch']} / transformers {v['transformers']}.{busy}"
+    )
+
+
+def write_results(section: str, markdown: str, no_results: bool) -> None:
+    if not no_results:
+        common.write_section(section, markdown)
