@@ -3,11 +3,11 @@
 
     python -m benchmarks.embed_throughput [--configs tiny,small,bert_heavy] [--batch 32] [--rounds 5]
 
-One step embeds a batch of images and a batch of captions (the same number), both towers in
-inference mode, float32, L2-normalised: align_jax `encode_image` + `encode_text` in one jitted
-function (compile time reported separately); PyTorch `get_image_features` + `get_text_features`
-under `torch.inference_mode()`, in `eval()`, channels_last. img/s = image-caption pairs per
-second. Same matching of configs and inputs as train_throughput.py (benchmarks/torch_reference.py).
+One step embeds a batch of images and as many captions, both towers in inference mode, float32,
+L2-normalised: align_jax `encode_image` + `encode_text` in one jitted function (compile time
+reported separately); PyTorch `get_image_features` + `get_text_features` under
+`torch.inference_mode()`, in `eval()`, channels_last. img/s = image-caption pairs per second.
+Configs and inputs are matched as in train_throughput.py (benchmarks/torch_reference.py).
 Prints one JSON object last (per config: align_jax_img_s, torch_img_s, ratio) and rewrites its
 section of RESULTS.md.
 """
@@ -15,10 +15,10 @@ section of RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from benchmarks import torch_reference as ref
 
+MODULE = "benchmarks.embed_throughput"
 SECTION = "Embedding throughput vs HF PyTorch (embed_throughput.py)"
 TARGETS = {"small": 1.2, "bert_heavy": 1.2}  # issue 8: align_jax / HF img/s
 
@@ -43,18 +43,13 @@ def jax_worker(name: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     compiled = jax.jit(embed).lower(variables, batch).compile()
     compile_s = time.perf_counter() - start
-
-    def run_step():
-        jax.block_until_ready(compiled(variables, batch))
-
-    times = ref.time_steps(run_step, args.warmup, args.steps)
+    times = ref.time_steps(lambda: jax.block_until_ready(compiled(variables, batch)), args.warmup, args.steps)
     return ref.worker_result("jax", name, args.batch, times, compile_s=round(compile_s, 2), torch_mode="-")
 
 
 def torch_worker(name: str, args: argparse.Namespace) -> dict:
     import torch
 
-    ref.configure_torch(args.threads)
     config = ref.matched_config(name)
     model = ref.build_hf_model(config).eval()
     inputs = ref.torch_inputs(ref.synthetic_batch(config, args.batch))
@@ -63,10 +58,7 @@ def torch_worker(name: str, args: argparse.Namespace) -> dict:
         images = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         texts = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         texts = texts.pooler_output
-        return (
-            images / images.norm(dim=-1, keepdim=True),
-            texts / texts.norm(dim=-1, keepdim=True),
-        )
+        return images / images.norm(dim=-1, keepdim=True), texts / texts.norm(dim=-1, keepdim=True)
 
     embed, mode = ref.maybe_compile(embed, args.torch_mode)
 
@@ -79,35 +71,19 @@ def torch_worker(name: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ref.add_arguments(parser, steps=10)
-    args = parser.parse_args(argv)
+    args = ref.make_parser(__doc__, steps=10).parse_args(argv)
     if args.worker:
-        ref.pin_threads(args.threads)
-        worker = jax_worker if args.worker == "jax" else torch_worker
-        out = worker(args.configs, args)
-        ref.common.print_json(out)
-        return out
-
-    summary = ref.compare("benchmarks.embed_throughput", args, TARGETS, jax_extra=("compile_s",))
-    summary["benchmark"] = "embed_throughput"
-    command = "python -m benchmarks.embed_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
-    compile_line = ", ".join(
-        f"{name} {r['align_jax_compile_s']:.0f} s" for name, r in summary["results"].items()
-    )
-    ref.write_results(
-        SECTION,
-        ref.environment_line(summary, command.strip())
-        + "\n\nOne step = embed a batch of images and as many captions, both towers in inference mode, "
+        return ref.run_as_worker(args, dict(jax=jax_worker, torch=torch_worker))
+    return ref.compare_and_report(
+        args,
+        argv,
+        module=MODULE,
+        section=SECTION,
+        targets=TARGETS,
+        what="One step = embed a batch of images and as many captions, both towers in inference mode, "
         "L2-normalised. align_jax: `encode_image` + `encode_text` in one jitted function; PyTorch: "
-        "`get_image_features` + `get_text_features` under `torch.inference_mode()`, "
-        f"{summary['results'][next(iter(summary['results']))]['torch_mode']}. align_jax compile time "
-        f"(excluded from the rates, median per worker): {compile_line}.\n\n"
-        + ref.results_table(summary, "img/s"),
-        args.no_results,
+        "`get_image_features` + `get_text_features` under `torch.inference_mode()`.",
     )
-    ref.common.print_json(summary)
-    return summary
 
 
 if __name__ == "__main__":

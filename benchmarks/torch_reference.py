@@ -15,7 +15,8 @@ Fairness rules (issue 8):
   mmap off and trimming off, so freed activations are reused instead of returned to the kernel and
   faulted in again) and the same cores (`--threads`; fewer than the machine's pins both to the
   first cores). PyTorch gets its best CPU settings: `torch.set_num_threads`, channels_last
-  weights and pixels, oneDNN (default), SDPA attention (HF's default), fused AdamW.
+  weights and pixels, oneDNN kernels (its default), fused AdamW; eager execution unless
+  `--torch_mode inductor` (torch.compile). HF's ALIGN supports only its eager attention (no SDPA).
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def worker_result(framework: str, config_name: str, batch: int, times: list[floa
 # ----------------------------------------------------------------------------- driver
 
 
-def add_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+def make_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {CONFIGS}")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the two frameworks")
@@ -214,7 +216,18 @@ def add_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
         help="GLIBC_TUNABLES given to both workers ('' leaves the environment's)",
     )
     parser.add_argument("--no_results", action="store_true", help="do not update RESULTS.md")
-    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # set in the worker processes only
+    return parser
+
+
+def run_as_worker(args: argparse.Namespace, workers: dict[str, Callable]) -> dict:
+    """In a worker process: measure one framework on one config, print the JSON line."""
+    pin_threads(args.threads)
+    if args.worker.startswith("torch"):
+        configure_torch(args.threads)
+    out = workers[args.worker](args.configs, args)
+    common.print_json(out)
+    return out
 
 
 def worker_env(args: argparse.Namespace) -> dict[str, str]:
@@ -237,31 +250,15 @@ def pin_threads(threads: int) -> None:
         os.sched_setaffinity(0, range(threads))
 
 
-def run_worker(module: str, framework: str, config_name: str, args: argparse.Namespace) -> dict:
-    """One fresh process measuring one framework on one config; its last stdout line is JSON."""
-    command = [
-        sys.executable,
-        "-m",
-        module,
-        "--worker",
-        framework,
-        "--configs",
-        config_name,
-        "--batch",
-        str(args.batch),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--threads",
-        str(args.threads),
-        "--torch_mode",
-        args.torch_mode,
-    ]
+def run_worker(module: str, worker: str, config_name: str, args: argparse.Namespace) -> dict:
+    """One fresh process running `worker` on one config; its last stdout line is JSON."""
+    command = [sys.executable, "-m", module, "--worker", worker, "--configs", config_name]
+    for flag in ("batch", "steps", "warmup", "threads", "torch_mode"):
+        command += [f"--{flag}", str(getattr(args, flag))]
     proc = subprocess.run(command, capture_output=True, text=True, env=worker_env(args), cwd=REPO)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{framework} worker for {config_name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{worker} worker for {config_name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
 
 
@@ -278,27 +275,19 @@ def busy_pytest() -> bool:
     return any(pid not in own for pid in result.stdout.split())
 
 
-def compare(
-    module: str,
-    args: argparse.Namespace,
-    targets: dict[str, float],
-    jax_extra: tuple[str, ...] = (),
-    torch_extra: tuple[str, ...] = (),
-) -> dict:
-    """Runs `args.rounds` alternating rounds per config and returns the summary: per config the
-    medians over rounds of each framework's img/s, and ratio = align_jax / torch."""
+def compare(module: str, args: argparse.Namespace, targets: dict[str, float]) -> dict:
+    """`args.rounds` rounds per config, each a fresh align_jax and a fresh PyTorch worker, the
+    order alternating; per config the medians over rounds of both img/s and ratio = align_jax /
+    torch (and the median of the per-round ratios, which cancels slow drifts of the host)."""
     results = {}
-    rounds_log = []
     busy = False
     for name in args.configs.split(","):
         per = {"jax": [], "torch": []}
         for r in range(args.rounds):
-            order = ("jax", "torch") if r % 2 == 0 else ("torch", "jax")
-            for framework in order:
+            for framework in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
                 busy = busy or busy_pytest()
                 out = run_worker(module, framework, name, args)
                 per[framework].append(out)
-                rounds_log.append(out)
                 print(
                     f"{name} round {r}: {framework} {out['img_s']:.2f} img/s "
                     f"({statistics.median(out['step_s']) * 1e3:.0f} ms/step)",
@@ -307,21 +296,17 @@ def compare(
                 )
         jax_img_s = statistics.median(o["img_s"] for o in per["jax"])
         torch_img_s = statistics.median(o["img_s"] for o in per["torch"])
+        paired = statistics.median(j["img_s"] / t["img_s"] for j, t in zip(per["jax"], per["torch"], strict=True))
         entry = dict(
             align_jax_img_s=round(jax_img_s, 3),
             torch_img_s=round(torch_img_s, 3),
             ratio=round(jax_img_s / torch_img_s, 3),
-            paired_ratio_median=round(
-                statistics.median(j["img_s"] / t["img_s"] for j, t in zip(per["jax"], per["torch"], strict=True)), 3
-            ),
+            paired_ratio_median=round(paired, 3),
             align_jax_img_s_rounds=[round(o["img_s"], 3) for o in per["jax"]],
             torch_img_s_rounds=[round(o["img_s"], 3) for o in per["torch"]],
+            align_jax_compile_s=statistics.median(o["compile_s"] for o in per["jax"]),
             torch_mode=per["torch"][0]["torch_mode"],
         )
-        for key in jax_extra:
-            entry[f"align_jax_{key}"] = statistics.median(o[key] for o in per["jax"])
-        for key in torch_extra:
-            entry[f"torch_{key}"] = statistics.median(o[key] for o in per["torch"])
         if name in targets:
             entry["target_ratio"] = targets[name]
             entry["target_met"] = entry["ratio"] >= targets[name]
@@ -333,6 +318,7 @@ def compare(
         rounds=args.rounds,
         steps=args.steps,
         warmup=args.warmup,
+        torch_mode=args.torch_mode,
         env=dict(GLIBC_TUNABLES=args.allocator_env or os.environ.get("GLIBC_TUNABLES", "")),
         versions=versions(),
         pytest_running=busy,
@@ -340,9 +326,19 @@ def compare(
     )
 
 
-def results_table(summary: dict, unit: str) -> str:
+def results_markdown(summary: dict, command: str, what: str) -> str:
+    """The RESULTS.md section: conditions, what one step is, the table."""
+    v = summary["versions"]
+    busy = (
+        "\n\n**A pytest suite was running on this machine during these timings** (it was still busy after "
+        "40 minutes of waiting), so absolute rates are lower and noisier than on an idle machine; both "
+        "frameworks ran under the same conditions, alternating."
+        if summary["pytest_running"]
+        else ""
+    )
+    compile_s = ", ".join(f"{name} {r['align_jax_compile_s']:.0f} s" for name, r in summary["results"].items())
     rows = [
-        f"| config | align_jax {unit} | PyTorch {unit} | ratio | per-round ratios (median) | target | met |",
+        "| config | align_jax img/s | PyTorch img/s | ratio | median per-round ratio | target | met |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in summary["results"].items():
@@ -352,27 +348,25 @@ def results_table(summary: dict, unit: str) -> str:
             f"| {name} | {r['align_jax_img_s']:.2f} | {r['torch_img_s']:.2f} | {r['ratio']:.2f} | "
             f"{r['paired_ratio_median']:.2f} | {target} | {met} |"
         )
-    return "\n".join(rows)
-
-
-def environment_line(summary: dict, command: str) -> str:
-    v = summary["versions"]
-    busy = (
-        " **A pytest suite was running on the machine during these timings** (it stayed busy past the "
-        "40-minute wait), so absolute rates are lower and noisier than on an idle machine; both frameworks "
-        "shared the same conditions, alternating."
-        if summary["pytest_running"]
-        else ""
-    )
     return (
-        f"`{command}` on {summary['machine']} ({summary['threads']} threads), batch {summary['batch']}, "
-        f"float32, {summary['rounds']} rounds x {summary['steps']} timed steps after {summary['warmup']} "
-        f"warm-up steps, each framework in its own process per round, order alternating. "
-        f"Both under `GLIBC_TUNABLES={summary['env']['GLIBC_TUNABLES']}`. jax {v['jax']} / flax {v['flax']} / "
-        f"optax {v['optax']}; torch {v['torch']} / transformers {v['transformers']}.{busy}"
+        f"`{command}` on {summary['machine']} ({summary['threads']} threads), batch {summary['batch']}, float32, "
+        f"{summary['rounds']} rounds x {summary['steps']} timed steps after {summary['warmup']} warm-up steps; "
+        "each round runs align_jax and PyTorch in fresh processes, the order alternating; medians over rounds. "
+        f"Both under `GLIBC_TUNABLES={summary['env']['GLIBC_TUNABLES']}`. jax {v['jax']}, flax {v['flax']}, "
+        f"optax {v['optax']}; torch {v['torch']}, transformers {v['transformers']}; PyTorch {summary['torch_mode']}, "
+        f"channels_last, {summary['threads']} threads.{busy}\n\n{what} align_jax compile time (excluded, median "
+        f"per worker): {compile_s}.\n\n" + "\n".join(rows)
     )
 
 
-def write_results(section: str, markdown: str, no_results: bool) -> None:
-    if not no_results:
-        common.write_section(section, markdown)
+def compare_and_report(
+    args: argparse.Namespace, argv: list[str] | None, *, module: str, section: str, targets: dict, what: str
+) -> dict:
+    """The comparison (`compare`), its RESULTS.md section (unless --no_results) and JSON line."""
+    summary = compare(module, args, targets)
+    summary["benchmark"] = module.rsplit(".", 1)[-1]
+    command = " ".join(["python -m", module, *(argv if argv is not None else sys.argv[1:])])
+    if not args.no_results:
+        common.write_section(section, results_markdown(summary, command, what))
+    common.print_json(summary)
+    return summary

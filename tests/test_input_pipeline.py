@@ -322,6 +322,20 @@ def test_readers_make_the_same_global_batches_on_any_number_of_processes(demo, t
     fresh.restore(str(tmp_path / "position"))
     for want in expected:
         np.testing.assert_array_equal(next(fresh)["input_ids"], want)
+    # A position saved before readers existed (one per process, `process_<i>`) is reader i's.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in (tmp_path / "position").glob("reader_0.*"):
+        (legacy / f.name.replace("reader_0", "process_0")).write_bytes(f.read_bytes())
+    single = pipeline.DataIterator(
+        {0: _dataset(specs["train"], config, batch_size=4, process_index=0, process_count=4)}
+    )
+    single.restore(str(legacy))
+    reference = pipeline.DataIterator(
+        {0: _dataset(specs["train"], config, batch_size=4, process_index=0, process_count=4)}
+    )
+    reference.restore(str(tmp_path / "position"))
+    np.testing.assert_array_equal(next(single)["input_ids"], next(reference)["input_ids"])
     # Restoring with another number of readers names what the checkpoint holds.
     other = pipeline.DataIterator({5: _dataset(specs["train"], config, process_index=5, process_count=8)})
     with pytest.raises(FileNotFoundError, match=r"no input position for reader 5 \(it has \['reader_0'"):

@@ -431,6 +431,10 @@ class DataIterator:
         for r, checkpoint in self._checkpoints.items():
             prefix = os.path.join(directory, f"reader_{r}")
             if not tf.io.gfile.exists(prefix + ".index"):
+                # Checkpoints from before readers: one position per process, process i reading
+                # share i of the process count, i.e. reader i.
+                prefix = os.path.join(directory, f"process_{r}")
+            if not tf.io.gfile.exists(prefix + ".index"):
                 saved = sorted(f.split(".")[0] for f in tf.io.gfile.listdir(directory) if f.endswith(".index"))
                 raise FileNotFoundError(
                     f"{directory} holds no input position for reader {r} (it has {saved}): the checkpoint was "

@@ -1,0 +1,89 @@
+"""The align_jax vs HF PyTorch throughput benchmarks: they run end to end and report what issue 8
+asks for, on models that really are the same."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from transformers import AlignConfig
+
+from align_jax.models import build_model, init_variables
+from align_jax.tools import convert_hf
+from benchmarks import common, torch_reference
+from benchmarks.train_throughput import classify_op
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--configs", "tiny", "--batch", "4", "--rounds", "1", "--steps", "1", "--warmup", "1", "--no_results"]
+
+
+def run_benchmark(module: str) -> dict:
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
+    before = common.RESULTS.read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *SMOKE], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert common.RESULTS.read_text() == before  # --no_results leaves RESULTS.md alone
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", ["benchmarks.train_throughput", "benchmarks.embed_throughput"])
+def test_script_prints_per_config_rates_and_ratio_as_its_last_line(module):
+    out = run_benchmark(module)
+    tiny = out["results"]["tiny"]
+    assert tiny["align_jax_img_s"] > 0 and tiny["torch_img_s"] > 0
+    assert tiny["ratio"] == pytest.approx(tiny["align_jax_img_s"] / tiny["torch_img_s"], rel=1e-2)
+    assert out["env"]["GLIBC_TUNABLES"] == torch_reference.ALLOCATOR_ENV
+    assert out["batch"] == 4 and out["rounds"] == 1
+
+
+@pytest.mark.parametrize("name", torch_reference.CONFIGS)
+def test_hf_config_describes_the_same_model(name, tmp_path):
+    """Read back by the HF importer, the HF config gives our (matched) config again."""
+    ours = torch_reference.matched_config(name)
+    hf = AlignConfig(**torch_reference.hf_config_dict(ours)).to_dict()
+    back = convert_hf.model_config_from_hf(hf, tmp_path / "config.json", ours.max_text_length)
+    for field in ("embed_dim", "image_size", "max_text_length", "temperature_init"):
+        assert back[field] == ours[field], field
+    for field in back.image:
+        if field != "bn_momentum":  # PyTorch semantics differ; no effect on speed
+            assert back.image[field] == ours.image[field], field
+    for field in back.text:
+        assert back.text[field] == ours.text[field], field
+
+
+def test_tiny_models_have_the_same_parameters():
+    config = torch_reference.matched_config("tiny")
+    model = build_model(config)
+    abstract = jax.eval_shape(lambda: init_variables(model, config, jax.random.key(0)))
+    ours = sum(x.size for x in jax.tree.leaves(abstract["params"]))
+    hf = torch_reference.build_hf_model(config)
+    # HF's BERT pooler is built but unused by ALIGN.
+    theirs = sum(p.numel() for n, p in hf.named_parameters() if not n.startswith("text_model.pooler."))
+    assert ours == theirs
+
+
+FWD = "jit(step)/jvp(DualEncoder.encode_{})/{}_tower"
+BWD = "jit(step)/transpose(jvp(DualEncoder.encode_{}))/{}_tower"
+
+
+@pytest.mark.parametrize(
+    "op_name, expected",
+    [
+        (FWD.format("image", "image") + "/block_1/expand_conv/dot_general", ("image", "fwd", "expand_conv")),
+        (BWD.format("image", "image") + "/block_12/depthwise_conv/pad", ("image", "bwd", "depthwise_conv")),
+        (BWD.format("text", "text") + "/layer_3/attention/query/dot_general", ("text", "bwd", "attention/query")),
+        (FWD.format("text", "text") + "/layer_0/output/dot_general", ("text", "fwd", "output")),
+        (FWD.format("text", "text") + "/layer_0/output_ln/add", ("text", "fwd", "output_ln")),
+        ("jit(step)/transpose(jvp())/jit(take_along_axis)/scatter-add", ("loss+optimizer", "bwd", "loss")),
+        ("jit(step)/sqrt", ("loss+optimizer", "update", "optimizer, metrics")),
+    ],
+)
+def test_trace_attributes_operations_to_tower_pass_and_layer(op_name, expected):
+    assert classify_op(op_name) == expected
