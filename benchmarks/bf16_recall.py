@@ -84,13 +84,15 @@ def main(argv=None) -> dict:
         within_margin=all(d >= -args.margin for d in deltas.values()),
     )
     if not args.no_results:
+        command_args = " ".join(argv if argv is not None else sys.argv[1:])
         rows = ["| metric | float32 | bfloat16 | bf16 - f32 |", "| --- | --- | --- | --- |"]
         for k in COMPARED:
             f32, bf16 = runs["float32"]["metrics"][k], runs["bfloat16"]["metrics"][k]
             rows.append(f"| {k} | {f32:.4f} | {bf16:.4f} | {bf16 - f32:+.4f} |")
         common.write_section(
             "bf16 compute: held-out quality (bf16_recall.py)",
-            f"`python -m benchmarks.bf16_recall` on {out['machine']}: the demo config (tiny model, 1200 steps, "
+            f"`python -m benchmarks.bf16_recall {command_args}` on {out['machine']}: "
+            "the demo config (tiny model, 1200 steps, "
             f"batch 64) trained in float32 and with bf16 compute. Within the margin ({args.margin} per metric): "
             f"**{out['within_margin']}**. (bf16 is for accelerators; on this CPU it is not faster, and the "
             "step times in the JSON were taken with other jobs running.)\n\n" + "\n".join(rows),
