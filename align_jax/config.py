@@ -167,22 +167,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         f"batch_size {config.batch_size} is not divisible by the {data_parallel} data-parallel devices "
         f"times accum_steps {accum_steps}",
     )
-    _check(
-        config.batch_size % process_count == 0,
-        "batch_size",
-        f"{config.batch_size} is not divisible by the {process_count} processes",
-    )
-    num_readers = config.data.get("num_readers", 0) or process_count
-    _check(
-        isinstance(num_readers, int) and num_readers > 0 and num_readers % process_count == 0,
-        "data.num_readers",
-        f"{num_readers!r} is not a positive multiple of the {process_count} processes",
-    )
-    _check(
-        config.batch_size % num_readers == 0,
-        "data.num_readers",
-        f"batch_size {config.batch_size} is not divisible by the {num_readers} readers",
-    )
+    try:
+        pipeline.resolve_num_readers(config.data, config.batch_size, process_count)
+    except ValueError as e:
+        raise ConfigError(f"config.data.num_readers: {e}") from e
 
     try:
         optim.make_optimizer(config.optimizer, config.total_steps)

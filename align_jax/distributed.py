@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import jax
-from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
 
 AUTO_ENV = "ALIGN_JAX_DISTRIBUTED"  # =1: jax.distributed.initialize() from the cluster's description
 
@@ -19,7 +19,7 @@ def initialize(
     coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:
     """Joins a multi-process run before any device is touched: with the three values given, as
-    told; without them, by JAX's own detection when a cluster is evident (a SLURM job of several
+    told; without them, by JAX's own detection when a cluster is evident (an srun step of several
     tasks, an Open MPI job, or `ALIGN_JAX_DISTRIBUTED=1`, which launch/tpu_pod.sh sets on Cloud TPU
     pods). Returns whether it joined one."""
     given = [coordinator_address, num_processes, process_id]
@@ -34,7 +34,9 @@ def initialize(
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
     evident = (
-        int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        # Set inside an srun step only: the batch script's own shell (SLURM_NTASKS > 1 there too)
+        # must not wait for peers that are not started.
+        int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
         or os.environ.get(AUTO_ENV, "") == "1"
     )
@@ -45,16 +47,7 @@ def initialize(
 
 
 def host_barrier(name: str, timeout_s: int = 1800) -> None:
-    """Waits until every process reaches `name`. Through the coordinator's key-value store when
-    there is one (no device work, a generous timeout: e.g. while another host still compiles,
-    where a device collective's 30 s context set-up on CPU would time out); otherwise a device
-    barrier."""
-    if jax.process_count() == 1:
-        return
-    from jax._src import distributed as jax_distributed  # the client orbax also uses for barriers
-
-    client = getattr(jax_distributed.global_state, "client", None)
-    if client is not None and hasattr(client, "wait_at_barrier"):
-        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
-    else:
-        multihost_utils.sync_global_devices(name)
+    """Waits until every process reaches `name` (unique per call), through the coordinator's
+    key-value store (orbax's barrier): no device work and a generous timeout, e.g. while another
+    host still compiles, where a device collective's 30 s context set-up on CPU would time out."""
+    ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)

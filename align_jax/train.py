@@ -58,7 +58,7 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
             eval=f"tfrecord:{output / 'eval-*.tfrecord'}",
             vocab=str(output / "vocab.txt"),
         )
-        num_queries = demo.get("num_queries", 256)
+        num_queries = demo.get("num_queries", demo_data.NUM_QUERIES)
 
         def write_demo_data():
             if not (output / "vocab.txt").exists():
@@ -68,9 +68,11 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
                 demo_data.write(
                     str(output), demo.num_train, demo.num_eval, demo.num_shards, demo.seed, demo.image_size, num_queries
                 )
-            elif not list(output.glob("queries-*.tfrecord")):
+            elif not list(output.glob("gallery-*.tfrecord")):  # written last
                 # Demo data written before the composed-query split existed.
-                demo_data.write_image_text(str(output), num_queries, demo.seed + 2, demo.image_size)
+                demo_data.write_image_text(
+                    str(output), num_queries, demo.seed + demo_data.IMAGE_TEXT_SEED_OFFSET, demo.image_size
+                )
 
         # Process 0 writes while the others wait; a host that does not share process 0's disk
         # then writes its own copy (the data is deterministic).
@@ -215,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train=True,
         seed=config.seed,
     )
-    iterator = pipeline.DataIterator(datasets)
+    iterator = pipeline.DataIterator(datasets, pipeline.resolve_num_readers(config.data, config.batch_size))
     manager = checkpointing.training_manager(
         workdir,
         keep=config.keep_checkpoints,
@@ -302,9 +304,11 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
         batch = next(iterator)
         global_batch = pipeline.to_global_batch(batch, mesh)
         if compiled_step is None:
+            lowered = step_fn.jitted.lower(state, global_batch)
             # Model FLOPs from the step without accumulation: XLA counts a loop body once.
-            flops = perf.step_flops(step_fn.flops_jitted.lower(state, global_batch)) or 0.0
-            compiled_step = step_fn.jitted.lower(state, global_batch).compile()
+            flops_lowered = lowered if step_fn.flops_jitted is step_fn.jitted else None
+            flops = perf.step_flops(flops_lowered or step_fn.flops_jitted.lower(state, global_batch)) or 0.0
+            compiled_step = lowered.compile()
             # Hosts finish compiling at different times; the step's first collective must not
             # wait on a slower host's compile.
             distributed.host_barrier("align_jax: train step compiled")

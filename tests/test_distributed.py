@@ -6,7 +6,7 @@ import pytest
 
 from align_jax import distributed
 
-CLUSTER_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", distributed.AUTO_ENV)
+CLUSTER_VARS = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", distributed.AUTO_ENV)
 
 
 @pytest.mark.parametrize(
@@ -25,14 +25,15 @@ def test_inconsistent_flags_are_named(args, message):
 def test_no_flags_and_no_cluster_is_a_single_process_run(monkeypatch):
     for var in CLUSTER_VARS:
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task SLURM job is not a cluster
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # a one-task srun step is not a cluster
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # the batch script's shell of a 4-task job, outside srun
     assert distributed.initialize() is False
     distributed.host_barrier("single process: returns at once")
     assert jax.process_count() == 1
 
 
 @pytest.mark.parametrize(
-    "var, value", [("SLURM_NTASKS", "4"), ("OMPI_COMM_WORLD_SIZE", "2"), (distributed.AUTO_ENV, "1")]
+    "var, value", [("SLURM_STEP_NUM_TASKS", "4"), ("OMPI_COMM_WORLD_SIZE", "2"), (distributed.AUTO_ENV, "1")]
 )
 def test_an_evident_cluster_lets_jax_detect_it(monkeypatch, var, value):
     calls = []

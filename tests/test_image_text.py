@@ -64,6 +64,7 @@ def test_recall_chunked_equals_unchunked():
         ([0, 5], [0, 1, 2], "1 of 2 queries have a target id that is not in the gallery"),
         ([0, 1], [0, 1, -1], "1 gallery images have no id"),
         ([0], [0, 1, 2], r"expected targets \[2\]"),
+        ([0, -1], [0, 1, 2], "1 queries have no target id"),
     ],
 )
 def test_bad_inputs_are_named(targets, ids, message):

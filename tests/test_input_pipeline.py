@@ -317,7 +317,8 @@ def test_readers_make_the_same_global_batches_on_any_number_of_processes(demo, t
     fresh = pipeline.DataIterator(
         pipeline.make_reader_datasets(
             specs["train"], config, batch_size=16, image_size=IMAGE_SIZE, max_text_length=TEXT_LENGTH, train=True
-        )
+        ),
+        num_readers=4,
     )
     fresh.restore(str(tmp_path / "position"))
     for want in expected:
@@ -336,10 +337,14 @@ def test_readers_make_the_same_global_batches_on_any_number_of_processes(demo, t
     )
     reference.restore(str(tmp_path / "position"))
     np.testing.assert_array_equal(next(single)["input_ids"], next(reference)["input_ids"])
-    # Restoring with another number of readers names what the checkpoint holds.
-    other = pipeline.DataIterator({5: _dataset(specs["train"], config, process_index=5, process_count=8)})
-    with pytest.raises(FileNotFoundError, match=r"no input position for reader 5 \(it has \['reader_0'"):
-        other.restore(str(tmp_path / "position"))
+    # Positions saved with another number of readers are shares of other data: refused, whether
+    # the readers are more (reader 5 of 8) or fewer (reader 0 of 2, which has a file of that name).
+    for reader, count in ((5, 8), (0, 2)):
+        other = pipeline.DataIterator(
+            {reader: _dataset(specs["train"], config, process_index=reader, process_count=count)}, num_readers=count
+        )
+        with pytest.raises(FileNotFoundError, match=rf"not those of reader {reader} of {count}: .*num_readers=4"):
+            other.restore(str(tmp_path / "position"))
 
 
 # --- bad records -----------------------------------------------------------------------------

@@ -213,9 +213,9 @@ def test_evaluator_metrics_are_recall_of_those_embeddings(setup, reference, repl
     want.update({"retrieval/num_images": 39, "retrieval/num_texts": len(texts), "retrieval/skipped": 1})
     assert metrics == pytest.approx(want, abs=0)
     # A second pass (a later step in training) compiles nothing new.
-    compiled = retrieval._embed._cache_size()
+    compiled = retrieval.encode_both._cache_size()
     assert evaluator.run(replicated) == metrics
-    assert retrieval._embed._cache_size() == compiled
+    assert retrieval.encode_both._cache_size() == compiled
 
 
 def test_evaluator_stops_after_max_examples(setup, reference, replicated):

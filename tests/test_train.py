@@ -312,6 +312,7 @@ def test_checkpoint_from_eight_devices_restores_on_other_meshes(demo_dir, refere
         (dict(data=dict(vocab="/nonexistent/vocab.txt")), "config.data.vocab"),
         (dict(total_steps=0), "config.total_steps"),
         (dict(optimizer=dict(warmup_steps=100)), "config.optimizer.warmup_steps"),
+        (dict(data=dict(num_readers=3)), "config.data.num_readers"),
     ],
 )
 def test_wrong_config_fails_before_training_naming_the_field(demo_dir, tmp_path, override, field):

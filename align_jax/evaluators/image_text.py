@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from align_jax.evaluators.lockstep import LockstepPass, gather
-from align_jax.evaluators.retrieval import best_positive_ranks
+from align_jax.evaluators.retrieval import best_positive_ranks, encode_both
 from align_jax.input import pipeline
 from align_jax.models import DualEncoder
 from align_jax.sharding import check_batch_size
@@ -55,6 +55,8 @@ def query_recall_at_k(
         )
     if not len(queries) or not len(gallery):
         raise ValueError(f"image+text retrieval needs queries and a gallery, got {len(queries)} and {len(gallery)}")
+    if targets.min() < 0:
+        raise ValueError(f"{int((targets < 0).sum())} queries have no target id (ids must be >= 0)")
     if gallery_ids.min() < 0:
         raise ValueError(f"{int((gallery_ids < 0).sum())} gallery images have no id (ids must be >= 0)")
     missing = ~np.isin(targets, gallery_ids)
@@ -63,7 +65,7 @@ def query_recall_at_k(
             f"{int(missing.sum())} of {len(targets)} queries have a target id that is not in the gallery, "
             f"e.g. {targets[missing][:5].tolist()}"
         )
-    # Ids can be any int64; the ranking kernel compares int32 owners, so renumber them.
+    # Ids are any integers (the evaluator's pass keeps them in int32); renumbered 0..U-1 for ranking.
     unique, gallery_owner = np.unique(gallery_ids, return_inverse=True)
     query_owner = np.searchsorted(unique, targets)
     ranks, _ = best_positive_ranks(
@@ -77,15 +79,6 @@ def _encode_image(model: DualEncoder, variables: dict, images: jax.Array) -> jax
     return model.apply(variables, images, method=DualEncoder.encode_image)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_both(
-    model: DualEncoder, variables: dict, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    image_embeds = model.apply(variables, images, method=DualEncoder.encode_image)
-    text_embeds = model.apply(variables, input_ids, attention_mask, method=DualEncoder.encode_text)
-    return image_embeds, text_embeds
-
-
 def _padded(batch: dict | None, spec: dict, rows: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """The `keys` of this process's batch zero-padded to `rows`, and `valid`, the real rows."""
     n = 0 if batch is None else len(batch["images"])
@@ -94,6 +87,8 @@ def _padded(batch: dict | None, spec: dict, rows: int, keys: Sequence[str]) -> d
         dtype = np.int32 if key == "labels" else spec[key].dtype.as_numpy_dtype  # JAX's default int width
         out[key] = np.zeros((rows, *spec[key].shape[1:]), dtype)
         if n:
+            if key == "labels" and np.abs(batch[key]).max() > np.iinfo(np.int32).max:
+                raise ValueError(f"ids beyond the int32 range in {batch[key][np.abs(batch[key]) > 2**31 - 1][:3]}")
             out[key][:n] = batch[key]
     out["valid"] = np.arange(rows) < n
     return out
@@ -172,7 +167,7 @@ class ImageTextEvaluator:
         """Query image and text embeddings, targets, gallery embeddings and ids, on every host."""
         (query_images, query_texts, targets), query_skipped = self._pass(
             self.queries,
-            lambda a: _encode_both(self.model, variables, a["images"], a["input_ids"], a["attention_mask"]),
+            lambda a: encode_both(self.model, variables, a["images"], a["input_ids"], a["attention_mask"]),
             ("images", "input_ids", "attention_mask"),
             self.max_examples,
         )

@@ -97,7 +97,7 @@ def recall_at_k(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _embed(
+def encode_both(
     model: DualEncoder, variables: dict, images: jax.Array, input_ids: jax.Array, attention_mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Both towers in inference mode; shared by all evaluators of a model (one compile per shape)."""
@@ -186,7 +186,7 @@ class RetrievalEvaluator:
         for batch in lockstep:
             padded = self._padded(batch)
             arrays = pipeline.to_global_batch(padded, self.mesh, keys=tuple(padded))
-            image_embeds, text_embeds = _embed(
+            image_embeds, text_embeds = encode_both(
                 self.model, variables, arrays["images"], arrays["input_ids"], arrays["attention_mask"]
             )
             image_valid, text_valid = gather(arrays["image_valid"]), gather(arrays["text_valid"])

@@ -87,6 +87,8 @@ def make_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, d
 
 
 MODIFICATIONS = ("background", "color", "shape", "size")
+NUM_QUERIES = 256  # composed queries in the demo's image+text split
+IMAGE_TEXT_SEED_OFFSET = 2  # the split's seed after the training (seed) and held-out (seed + 1) ones
 
 
 def modify_scene(attributes: dict, rng: np.random.Generator) -> tuple[dict, str]:
@@ -194,14 +196,14 @@ def write(
     num_shards: int = 8,
     seed: int = 0,
     image_size: int = 128,
-    num_queries: int = 256,
+    num_queries: int = NUM_QUERIES,
 ) -> dict[str, str]:
     """Writes `train-*.tfrecord`, `eval-*.tfrecord`, the composed-query split and `vocab.txt`;
     returns their source specs."""
     tf.io.gfile.makedirs(output_dir)
     write_tfrecords(records(num_train, seed, image_size), output_dir, num_shards, "train")
     write_tfrecords(records(num_eval, seed + 1, image_size), output_dir, max(1, num_shards // 4), "eval")
-    specs = write_image_text(output_dir, num_queries, seed + 2, image_size)
+    specs = write_image_text(output_dir, num_queries, seed + IMAGE_TEXT_SEED_OFFSET, image_size)
     vocab = os.path.join(output_dir, "vocab.txt")
     with tf.io.gfile.GFile(vocab, "w") as f:
         f.write("".join(t + "\n" for t in vocab_tokens()))
@@ -221,7 +223,9 @@ def image_text_specs(output_dir: str) -> dict[str, str]:
     )
 
 
-def write_image_text(output_dir: str, num_queries: int = 256, seed: int = 2, image_size: int = 128) -> dict[str, str]:
+def write_image_text(
+    output_dir: str, num_queries: int = NUM_QUERIES, seed: int = IMAGE_TEXT_SEED_OFFSET, image_size: int = 128
+) -> dict[str, str]:
     """Writes the composed-query split `queries-*.tfrecord` and `gallery-*.tfrecord`."""
     queries, gallery = image_text_records(num_queries, seed, image_size)
     write_tfrecords(queries, output_dir, 1, "queries")
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_shards", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_queries", type=int, default=256)
+    parser.add_argument("--num_queries", type=int, default=NUM_QUERIES)
     args = parser.parse_args(argv)
     specs = write(
         args.output, args.num_train, args.num_eval, args.num_shards, args.seed, args.image_size, args.num_queries

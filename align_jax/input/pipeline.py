@@ -372,12 +372,24 @@ def make_dataset(
     return ds.with_options(options).prefetch(config.prefetch)
 
 
+def resolve_num_readers(config: ml_collections.ConfigDict, batch_size: int, process_count: int | None = None) -> int:
+    """`config.num_readers` (0: one per process), checked against the processes and the batch."""
+    process_count = jax.process_count() if process_count is None else process_count
+    num_readers = config.get("num_readers", 0) or process_count
+    if not isinstance(num_readers, int) or num_readers < 1 or num_readers % process_count:
+        raise ValueError(
+            f"data.num_readers {num_readers!r} is not a positive multiple of the {process_count} processes"
+        )
+    if batch_size % num_readers:
+        raise ValueError(f"batch_size {batch_size} is not divisible by data.num_readers {num_readers}")
+    return num_readers
+
+
 def local_readers(num_readers: int, process_index: int | None = None, process_count: int | None = None) -> range:
     """The reader indices this process runs: a contiguous block, so the global batch is the
     readers' batches in reader order, whatever the number of processes."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    num_readers = num_readers or process_count
     if num_readers % process_count:
         raise ValueError(f"data.num_readers {num_readers} is not divisible by the {process_count} processes")
     per_process = num_readers // process_count
@@ -390,9 +402,7 @@ def make_reader_datasets(
     """This process's readers of the global batch `batch_size` (`config.num_readers`, see
     `default_config`): reader r reads share r of num_readers and yields batch_size / num_readers
     rows. `kwargs` go to `make_dataset`."""
-    num_readers = config.get("num_readers", 0) or jax.process_count()
-    if batch_size % num_readers:
-        raise ValueError(f"batch_size {batch_size} is not divisible by data.num_readers {num_readers}")
+    num_readers = resolve_num_readers(config, batch_size)
     return {
         r: make_dataset(
             spec, config, batch_size=batch_size // num_readers, process_index=r, process_count=num_readers, **kwargs
@@ -403,11 +413,14 @@ def make_reader_datasets(
 
 class DataIterator:
     """NumPy batches from one or several readers (concatenated in reader order, skip counts
-    summed), with a position that can be saved and restored exactly, reader by reader."""
+    summed), with a position that can be saved and restored exactly, reader by reader.
+    `num_readers`, the readers of the whole run (all processes), lets `restore` refuse positions
+    saved with another number of readers: those are shares of other data."""
 
-    def __init__(self, datasets: tf.data.Dataset | dict[int, tf.data.Dataset]):
+    def __init__(self, datasets: tf.data.Dataset | dict[int, tf.data.Dataset], num_readers: int | None = None):
         if isinstance(datasets, tf.data.Dataset):
             datasets = {jax.process_index(): datasets}
+        self.num_readers = num_readers
         self._iterators = {r: iter(ds) for r, ds in sorted(datasets.items())}
         self._checkpoints = {r: tf.train.Checkpoint(iterator=it) for r, it in self._iterators.items()}
 
@@ -428,18 +441,20 @@ class DataIterator:
         return [c.write(os.path.join(directory, f"reader_{r}")) for r, c in self._checkpoints.items()]
 
     def restore(self, directory: str) -> None:
+        saved = sorted(f.split(".")[0] for f in tf.io.gfile.listdir(directory) if f.endswith(".index"))
+        # Checkpoints from before readers hold one position per process (`process_<i>`): process i
+        # read share i of the process count, i.e. reader i.
+        kind = "reader" if any(name.startswith("reader_") for name in saved) else "process"
+        count = sum(name.startswith(f"{kind}_") for name in saved)
         for r, checkpoint in self._checkpoints.items():
-            prefix = os.path.join(directory, f"reader_{r}")
-            if not tf.io.gfile.exists(prefix + ".index"):
-                # Checkpoints from before readers: one position per process, process i reading
-                # share i of the process count, i.e. reader i.
-                prefix = os.path.join(directory, f"process_{r}")
-            if not tf.io.gfile.exists(prefix + ".index"):
-                saved = sorted(f.split(".")[0] for f in tf.io.gfile.listdir(directory) if f.endswith(".index"))
+            prefix = os.path.join(directory, f"{kind}_{r}")
+            if (self.num_readers is not None and count != self.num_readers) or not tf.io.gfile.exists(
+                prefix + ".index"
+            ):
                 raise FileNotFoundError(
-                    f"{directory} holds no input position for reader {r} (it has {saved}): the checkpoint was "
-                    f"written with another data.num_readers; set it to the number of readers listed, or "
-                    "restore the model alone and start a fresh data pass"
+                    f"{directory} holds the input positions {saved}, not those of reader {r} of "
+                    f"{self.num_readers or '?'}: the checkpoint was written with data.num_readers={count}; set it "
+                    "so (it divides by the process count), or restore the model alone and start a fresh data pass"
                 )
             checkpoint.read(prefix).assert_consumed()
 

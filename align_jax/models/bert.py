@@ -1,8 +1,8 @@
 """BERT text tower (post-LayerNorm, exact GELU), computing what HF's `AlignTextModel` computes.
 
-`remat` and `scan_layers` are as in `align_jax.models.vit`. With `scan_layers=True` the layers'
-parameters are stacked under `layers` instead of `layer_{i}`: the HF importer and checkpoints
-written unscanned need `layers.stack_layers` first.
+`remat` and `scan_layers` are as in `align_jax.models.layers`. With `scan_layers=True` the layers'
+parameters are stacked under `layers` instead of `layer_{i}`: to load converted HF weights or an
+unscanned checkpoint into a scanned model, pass its text tower through `layers.stack_layers`.
 """
 
 from __future__ import annotations
