@@ -121,3 +121,44 @@ def test_training_updates_batchnorm_statistics_with_flax_momentum(tiny_net):
 def test_unknown_activation_is_named():
     with pytest.raises(ValueError, match="'mish'"):
         enet.EfficientNet(**TINY, activation="mish").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def _grouped_conv(x, kernel, stride, padding):
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+@pytest.mark.parametrize(
+    "size,kernel_size,stride,padding",
+    [
+        (9, 3, 1, ((1, 1), (1, 1))),
+        (10, 3, 2, ((0, 1), (0, 1))),  # HF's adjusted stride-2 padding
+        (11, 5, 2, ((1, 2), (1, 2))),  # odd size: the last padded row is never read
+        (12, 5, 2, ((2, 2), (2, 2))),
+        (7, 5, 1, ((2, 2), (2, 2))),
+        (8, 3, 2, ((0, 0), (1, 0))),  # asymmetric and unpadded axes
+    ],
+)
+def test_shifted_sum_depthwise_equals_grouped_convolution_with_gradients(size, kernel_size, stride, padding):
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, size, size + 1, 5))
+    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 1, 5))
+    expected = _grouped_conv(x, kernel, stride, padding)
+    actual = enet.shifted_sum_depthwise(x, kernel, stride, padding)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(keys[2], expected.shape)
+
+    def loss(fn):
+        return lambda x, kernel: jnp.vdot(fn(x, kernel, stride, padding), cotangent)
+
+    want = jax.grad(loss(_grouped_conv), argnums=(0, 1))(x, kernel)
+    got = jax.grad(loss(enet.shifted_sum_depthwise), argnums=(0, 1))(x, kernel)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

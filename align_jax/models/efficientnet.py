@@ -168,24 +168,77 @@ def depthwise_padding(kernel_size: int, stride: int, adjust: bool) -> tuple[tupl
 DEPTHWISE_IMPLS = ("auto", "conv", "shifted_sum")
 
 
+def _shifted_windows(xp: jax.Array, k_h: int, k_w: int, stride: int, out_h: int, out_w: int):
+    """(i, j, xp[:, i::stride, j::stride][:out_h, :out_w]) for every kernel tap."""
+    n, _, _, c = xp.shape
+    for i in range(k_h):
+        for j in range(k_w):
+            limit = (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c)
+            yield i, j, jax.lax.slice(xp, (0, i, j, 0), limit, (1, stride, stride, 1))
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    k_h, k_w = kernel.shape[:2]
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    if any(p for pair in padding for p in pair):
+        # A materialised padded copy (one pass) keeps the pad out of the k*k-term loop below, whose
+        # bounds checks would otherwise stop XLA:CPU from vectorising it (2x on the forward).
+        xp = jax.lax.optimization_barrier(xp)
+    out_h = (xp.shape[1] - k_h) // stride + 1
+    out_w = (xp.shape[2] - k_w) // stride + 1
+    out = None
+    for i, j, window in _shifted_windows(xp, k_h, k_w, stride, out_h, out_w):
+        term = window * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def shifted_sum_depthwise(
     x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], ...]
 ) -> jax.Array:
     """Depthwise convolution as a sum of k*k strided shifted slices times per-channel weights:
     the same result as a grouped convolution, but XLA's CPU backend fuses it into a few loops
     where its grouped-convolution lowering is 10x slower forward and 3-8x with gradients
-    (benchmarks/RESULTS.md)."""
+    (benchmarks/RESULTS.md). The custom VJP keeps only `x` for the backward pass: autodiff of the
+    sum would store all k*k shifted windows (k*k copies of the activation per layer)."""
+    return _shifted_sum(x, kernel, stride, padding)
+
+
+def _shifted_sum_fwd(x, kernel, stride, padding):
+    return _shifted_sum(x, kernel, stride, padding), (x, kernel)
+
+
+def _shifted_sum_bwd(stride, padding, residuals, g):
+    """d/dx: the cotangent dilated by the stride, padded by k - 1 less the forward padding (negative
+    padding crops) and correlated with the flipped kernel; d/dkernel: one reduction per tap."""
+    x, kernel = residuals
     k_h, k_w = kernel.shape[:2]
-    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    out_h = (x.shape[1] - k_h) // stride + 1
-    out_w = (x.shape[2] - k_w) // stride + 1
-    out = None
-    for i in range(k_h):
-        for j in range(k_w):
-            window = x[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride]
-            term = window * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+    (low_h, high_h), (low_w, high_w) = padding
+    out_h, out_w = g.shape[1:3]
+    # Rows (columns) of the padded input that no window reached when (padded - k) % stride != 0.
+    unread_h = x.shape[1] + low_h + high_h - (stride * (out_h - 1) + 1) - (k_h - 1)
+    unread_w = x.shape[2] + low_w + high_w - (stride * (out_w - 1) + 1) - (k_w - 1)
+    g_dilated = jax.lax.pad(
+        g,
+        jnp.zeros((), g.dtype),
+        (
+            (0, 0, 0),
+            (k_h - 1 - low_h, k_h - 1 + unread_h - high_h, stride - 1),
+            (k_w - 1 - low_w, k_w - 1 + unread_w - high_w, stride - 1),
+            (0, 0, 0),
+        ),
+    )
+    dx = _shifted_sum(g_dilated, kernel[::-1, ::-1], 1, ((0, 0), (0, 0)))
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    taps = [
+        jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.float32)
+        for _, _, window in _shifted_windows(xp, k_h, k_w, stride, out_h, out_w)
+    ]
+    return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+
+
+shifted_sum_depthwise.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
 
 
 class DepthwiseConv(nn.Module):
@@ -265,7 +318,7 @@ class MBConvBlock(nn.Module):
         if spec.expand_ratio != 1:
             width = spec.in_dim * spec.expand_ratio
             x = dense(width, use_bias=False, name="expand_conv")(x)
-            x = act(norm(name="expand_bn")(x))
+            x = norm(name="expand_bn", activation=act)(x)
         x = DepthwiseConv(
             spec.kernel_size,
             spec.stride,
@@ -274,7 +327,7 @@ class MBConvBlock(nn.Module):
             self.dtype,
             name="depthwise_conv",
         )(x)
-        x = act(norm(name="depthwise_bn")(x))
+        x = norm(name="depthwise_bn", activation=act)(x)
         # Squeeze-excite; its bottleneck is sized from the block *input* width.
         se_width = max(1, int(spec.in_dim * self.squeeze_expansion_ratio))
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -363,9 +416,9 @@ class EfficientNet(nn.Module):
             epsilon=self.bn_epsilon,
             group_size=self.bn_group_size,
             dtype=self.dtype,
+            activation=act,
             name="stem_bn",
         )(x)
-        x = act(x)
         block = remat_block(MBConvBlock, self.remat, static_argnums=(2,))  # (self, x, train)
         for i, spec in enumerate(self.blocks()):
             x = block(

@@ -9,11 +9,77 @@ not depend on the choice.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def _normalize(x, scale, bias, group_size, epsilon, activation):
+    """(activation(normalised x * scale + bias), per-group mean, per-group variance), the
+    statistics `[groups, C]` over each group's examples and positions (two-pass variance)."""
+    n, c = x.shape[0], x.shape[-1]
+    grouped = x.astype(jnp.float32).reshape(n // group_size, -1, c)  # [groups, group * H * W, C]
+    mean = grouped.mean(axis=1)
+    var = jnp.square(grouped - mean[:, None]).mean(axis=1)
+    y = (grouped - mean[:, None]) * jax.lax.rsqrt(var + epsilon)[:, None] * scale + bias
+    if activation is not None:
+        y = activation(y)
+    return y.reshape(x.shape).astype(x.dtype), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    group_size: int,
+    epsilon: float,
+    activation: Activation | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm, optionally followed by an activation, over `[N, ..., C]`.
+
+    The same function as the textbook composition, with a hand-written backward pass: it keeps only
+    `x` and the statistics (autodiff keeps the centred input, the normalised one and the
+    activation's intermediates, each as large as `x`) and computes the input gradient in one
+    reduction pass and one element-wise pass, recomputing the normalisation and activation on
+    the fly. On CPU, where these layers are memory-bound, that is most of an EfficientNet's
+    backward pass (benchmarks/RESULTS.md)."""
+    return _normalize(x, scale, bias, group_size, epsilon, activation)
+
+
+def _batch_norm_fwd(x, scale, bias, group_size, epsilon, activation):
+    out, mean, var = _normalize(x, scale, bias, group_size, epsilon, activation)
+    return (out, mean, var), (x, scale, bias, mean, var)
+
+
+def _batch_norm_bwd(group_size, epsilon, activation, residuals, cotangents):
+    x, scale, bias, mean, var = residuals
+    d_out, d_mean, d_var = cotangents
+    n, c = x.shape[0], x.shape[-1]
+    grouped = x.astype(jnp.float32).reshape(n // group_size, -1, c)
+    count = grouped.shape[1]
+    rstd = jax.lax.rsqrt(var + epsilon)[:, None]
+    centred = grouped - mean[:, None]
+    x_hat = centred * rstd
+    dy = d_out.astype(jnp.float32).reshape(grouped.shape)
+    if activation is not None:
+        _, activation_vjp = jax.vjp(activation, x_hat * scale + bias)
+        (dy,) = activation_vjp(dy)
+    sum_dy = dy.sum(axis=1)  # [groups, C]
+    sum_dy_x_hat = (dy * x_hat).sum(axis=1)
+    dx = scale * rstd * (dy - (sum_dy[:, None] + x_hat * sum_dy_x_hat[:, None]) / count)
+    # The statistics are outputs too (they feed the running averages): their cotangents, usually 0.
+    dx = dx + (d_mean[:, None] + 2.0 * d_var[:, None] * centred) / count
+    return dx.reshape(x.shape).astype(x.dtype), sum_dy_x_hat.sum(0), sum_dy.sum(0)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -22,6 +88,7 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-3
     group_size: int | None = None
     dtype: Any = jnp.float32
+    activation: Activation | None = None  # applied after the affine transform, fused in training
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -33,23 +100,17 @@ class BatchNorm(nn.Module):
 
         if self.use_running_average:
             y = (x.astype(jnp.float32) - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon)
-            return (y * scale + bias).astype(self.dtype)
+            y = y * scale + bias
+            if self.activation is not None:
+                y = self.activation(y)
+            return y.astype(self.dtype)
 
-        x32 = x.astype(jnp.float32)
         group = self.group_size or x.shape[0]
         if x.shape[0] % group:
             raise ValueError(f"BatchNorm group_size {group} does not divide the batch of {x.shape[0]} examples")
-        grouped = x32.reshape((x.shape[0] // group, group) + x.shape[1:])
-        axes = tuple(range(1, grouped.ndim - 1))  # examples of a group and spatial positions
-        mean = grouped.mean(axis=axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        y, mean, var = batch_norm_train(x, scale, bias, group, self.epsilon, self.activation)
         if not self.is_initializing():
             # Running statistics move toward the average of the groups' statistics (as Keras does).
-            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean.reshape(
-                -1, features
-            ).mean(0)
-            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var.reshape(
-                -1, features
-            ).mean(0)
-        return (y * scale + bias).astype(self.dtype)
+            running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean.mean(0)
+            running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var.mean(0)
+        return y.astype(self.dtype)
