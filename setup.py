@@ -34,6 +34,7 @@ setup(
         # torch and transformers only build numerical references in tests; never imported by
         # align_jax. torch is pinned so pip takes the local CPU wheel, not CUDA builds.
         "test": [
+            "hypothesis>=6.100",  # property-based bad-input tests (tests/test_reliability.py)
             "pillow>=10",  # writes GIF and BMP test images
             # tests/test_notebook.py executes examples/inference.ipynb (which draws with matplotlib).
             "ipykernel>=6",

@@ -53,7 +53,10 @@ def prepare(workdir: epath.Path, config: ml_collections.ConfigDict) -> ml_collec
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.vocab = resolve_vocab(workdir, config)
     if not config.get("evals"):
-        config.evals = ml_collections.ConfigDict(dict(retrieval=config_lib.retrieval_eval()))
+        if config.get("task") == "classification":
+            config.evals = ml_collections.ConfigDict(dict(classification=config_lib.classification_eval()))
+        else:
+            config.evals = ml_collections.ConfigDict(dict(retrieval=config_lib.retrieval_eval()))
     if not config.data.eval and any(not e.get("data") for e in config.evals.values()):
         raise config_lib.ConfigError("config.data.eval: no evaluation set given (--config.data.eval=SPEC)")
     return config

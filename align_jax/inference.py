@@ -262,7 +262,7 @@ class ImageIndex:
         return [(name, float(scores[i])) for name, i in zip(names, best, strict=True)]
 
 
-def _split_path(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
+def split_checkpoint_path(path: str | os.PathLike) -> tuple[epath.Path, int | None]:
     """A workdir, or one of its `checkpoints/<step>` folders -> (workdir, step or None)."""
     path = epath.Path(path)
     if not path.exists():
@@ -283,10 +283,15 @@ def resolve_vocab(workdir: epath.Path, config: ml_collections.ConfigDict) -> str
 
 def load(path: str | os.PathLike, step: int | None = None, device: Any = None) -> AlignModel:
     """Restores the model of a workdir (latest step unless `step`) onto one local device."""
-    workdir, path_step = _split_path(path)
+    workdir, path_step = split_checkpoint_path(path)
     config = checkpointing.load_config(workdir)
     if "model" not in config:
         raise ValueError(f"{workdir / checkpointing.CONFIG_FILE} has no 'model' section")
+    if config.model.get("num_classes"):
+        raise ValueError(
+            f"{workdir} holds an image classifier (model.num_classes={config.model.num_classes}), not a dual "
+            "encoder; evaluate it with `python -m align_jax.evaluate`"
+        )
     model = build_model(config.model)
     shapes = jax.eval_shape(lambda: init_variables(model, config.model, jax.random.key(0)))
     abstract = checkpointing.abstract_on_device(shapes, device)

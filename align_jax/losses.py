@@ -12,6 +12,8 @@ each embedding.
   ring of `ppermute`s in blocks with an online logsumexp, and the backward pass recomputes the
   blocks: at most `b x chunk` logits are alive, so memory grows linearly in B.
 - `sigmoid_contrastive_loss`: SigLIP's pairwise sigmoid loss with a learnable bias.
+
+`softmax_cross_entropy` is the classification loss of transfer (fine-tuning with a new head).
 """
 
 from __future__ import annotations
@@ -284,3 +286,17 @@ def in_batch_top1(image_embeds: jax.Array, text_embeds: jax.Array, *, axis_name:
     if axis_name is not None:
         counts = jax.lax.psum(counts, _axis(axis_name))
     return dict(i2t_top1=counts[0] / global_batch, t2i_top1=counts[1] / global_batch)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean cross-entropy of classification `logits` `[B, C]` against integer `labels` `[B]`,
+    the targets smoothed to (1 - e) one-hot + e / C (Szegedy et al. 2016, as big_vision's
+    transfer configs use). Under `jit` on a sharded batch the mean is the global batch's."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits [B, C] and labels [B], got {logits.shape} and {labels.shape}")
+    logits = logits.astype(jnp.float32)
+    positive = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), axis=1)[:, 0]
+    ce = _smoothed_cross_entropy(
+        jax.nn.logsumexp(logits, axis=1), positive, logits.sum(axis=1), label_smoothing, logits.shape[1]
+    )
+    return ce.mean()

@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from align_jax import checkpointing, distributed, perf
+from align_jax import checkpointing, distributed, perf, tasks, transfer
 from align_jax import config as config_lib
 from align_jax.evaluators import build_evaluators
 from align_jax.input import demo_data, filters, pipeline
@@ -35,7 +35,7 @@ from align_jax.metric_writer import MetricWriter
 from align_jax.models import build_model
 from align_jax.optim import make_optimizer
 from align_jax.sharding import make_mesh
-from align_jax.train_step import TrainState, abstract_train_state, make_init_fn, make_train_step
+from align_jax.train_step import TrainState, abstract_train_state, make_init_fn
 
 log = logging.getLogger("align_jax.train")
 VOCAB_FILE = "vocab.txt"  # the workdir's copy; config.json names it relative to the workdir
@@ -53,11 +53,7 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
         # The embedded demo dataset is generated on first use, inside the workdir.
         demo = config.demo_data
         output = workdir / DEMO_DATA_DIR
-        specs = dict(
-            train=f"tfrecord:{output / 'train-*.tfrecord'}",
-            eval=f"tfrecord:{output / 'eval-*.tfrecord'}",
-            vocab=str(output / "vocab.txt"),
-        )
+        specs = demo_data.specs(str(output))
         num_queries = demo.get("num_queries", demo_data.NUM_QUERIES)
 
         def write_demo_data():
@@ -68,11 +64,15 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
                 demo_data.write(
                     str(output), demo.num_train, demo.num_eval, demo.num_shards, demo.seed, demo.image_size, num_queries
                 )
-            elif not list(output.glob("gallery-*.tfrecord")):  # written last
-                # Demo data written before the composed-query split existed.
-                demo_data.write_image_text(
-                    str(output), num_queries, demo.seed + demo_data.IMAGE_TEXT_SEED_OFFSET, demo.image_size
-                )
+            # The splits beyond `write`'s, and those a folder written before they existed lacks.
+            demo_data.write_missing(
+                str(output),
+                demo.seed,
+                demo.image_size,
+                num_queries,
+                tuple(demo.get("num_labelled", demo_data.NUM_LABELLED)),
+                tuple(demo.get("num_captioned", demo_data.NUM_CAPTIONED)),
+            )
 
         # Process 0 writes while the others wait; a host that does not share process 0's disk
         # then writes its own copy (the data is deterministic).
@@ -81,14 +81,17 @@ def prepare_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
         if jax.process_count() > 1:
             distributed.host_barrier("align_jax: demo data written")
             write_demo_data()
-        config.data.train = specs["train"]
-        config.data.eval = config.data.eval or specs["eval"]
+        # A fine-tuning config names the demo splits it trains and evaluates on.
+        config.data.train = specs[demo.get("train_split", "train")]
+        config.data.eval = config.data.eval or specs[demo.get("eval_split", "eval")]
         config.data.vocab = config.data.vocab or specs["vocab"]
         for evaluator in config.evals.values():
+            if evaluator.get("type") == "linear_probe":
+                evaluator.train_data = evaluator.train_data or specs["labelled_train"]
+                evaluator.data = evaluator.data or specs["labelled_test"]
             if evaluator.get("type") == "image_text":
-                image_text_specs = demo_data.image_text_specs(str(output))
-                evaluator.queries = evaluator.queries or image_text_specs["queries"]
-                evaluator.gallery = evaluator.gallery or image_text_specs["gallery"]
+                evaluator.queries = evaluator.queries or specs["queries"]
+                evaluator.gallery = evaluator.gallery or specs["gallery"]
     config_lib.validate(config, jax.device_count(), jax.process_count())
     # The text tower's vocabulary follows the vocab file.
     config.model.text.vocab_size = len(read_vocab(config.data.vocab))
@@ -208,15 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = build_model(config.model)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     abstract, shardings = abstract_train_state(model, config.model, tx, mesh)
-    datasets = pipeline.make_reader_datasets(
-        config.data.train,
-        config.data,
-        batch_size=config.batch_size,
-        image_size=config.model.image_size,
-        max_text_length=config.model.max_text_length,
-        train=True,
-        seed=config.seed,
-    )
+    task = tasks.get(config)
+    datasets = task.train_datasets(config)
     iterator = pipeline.DataIterator(datasets, pipeline.resolve_num_readers(config.data, config.batch_size))
     manager = checkpointing.training_manager(
         workdir,
@@ -227,27 +223,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = None
     stop = StopRequest()
     try:
-        start = manager.latest_step()
+        # The newest checkpoint that restores and matches its checksums (a damaged newer one is set aside).
+        abstract_model, abstract_train = abstract_checkpoint_items(abstract, shardings)
+        start, restored = checkpointing.restore_latest_training(manager, abstract_model, abstract_train, iterator)
         if start is None:
             state = jax.jit(make_init_fn(model, config.model, tx), out_shardings=shardings)(jax.random.key(config.seed))
+            if config.init.checkpoint:
+                state = transfer.initialise(state, config.init.checkpoint, mesh, task.new_params)
+                log.info("model variables from %s (fresh optimizer, step 0)", config.init.checkpoint)
             start = 0
             log.info("starting a new run in %s on %d device(s), mesh %s", workdir, jax.device_count(), dict(mesh.shape))
         else:
-            abstract_model, abstract_train = abstract_checkpoint_items(abstract, shardings)
-            restored = checkpointing.restore_training(manager, start, abstract_model, abstract_train, iterator)
             state = _join_state(*restored)
             log.info("resumed from the checkpoint of step %d in %s (mesh %s)", start, workdir, dict(mesh.shape))
         writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
-        step_fn = make_train_step(
-            model,
-            config.loss,
-            tx,
-            schedule,
-            mesh,
-            shardings,
-            config.optimizer.freeze,
-            accum_steps=config.get("accum_steps", 1),
-        )
+        step_fn = task.make_train_step(config, model, tx, schedule, mesh, shardings)
         evaluators = build_evaluators(config, model, mesh)
         return _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators, stop, mesh, start)
     finally:
@@ -302,7 +292,7 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
             jax.profiler.start_trace(str(workdir / "profile"))
             profiling = True
         batch = next(iterator)
-        global_batch = pipeline.to_global_batch(batch, mesh)
+        global_batch = pipeline.to_global_batch(batch, mesh, tasks.get(config).batch_keys)
         if compiled_step is None:
             lowered = step_fn.jitted.lower(state, global_batch)
             # Model FLOPs from the step without accumulation: XLA counts a loop body once.
@@ -379,7 +369,7 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
             save(done, eval_results if evaluated and config.checkpoint_best.metric else None)
         tic += time.perf_counter() - paused
         if stopping:
-            manager.wait_until_finished()
+            checkpointing.finish_saves(manager)
             log.info("stopped by %s after step %d; checkpoint saved, relaunch to resume", stop.signal_name, done)
             return dict(eval_results, step=done, stopped=True)
 
@@ -389,7 +379,7 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
         log.info("the checkpoint in %s is already at total_steps=%d", workdir, total)
         if evaluators:
             eval_results = _evaluate(evaluators, state, writer, done)
-    manager.wait_until_finished()
+    checkpointing.finish_saves(manager)  # a failed save is an error naming its step
     return dict(eval_results, step=done)
 
 
@@ -417,7 +407,7 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     try:
         result = train_and_evaluate(config, FLAGS.workdir)
-    except (config_lib.ConfigError, NonFiniteError) as e:
+    except (config_lib.ConfigError, NonFiniteError, checkpointing.CheckpointError) as e:
         log.error("%s", e)
         sys.exit(1)
     if jax.process_index() == 0:

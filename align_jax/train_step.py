@@ -2,7 +2,9 @@
 
 The towers run under `jit` on the sharded global batch (GSPMD inserts the collectives, and
 BatchNorm statistics span the global batch unless `bn_group_size` is set); the loss runs under
-`shard_map`, where each device scores its own rows against every device's embeddings.
+`shard_map`, where each device scores its own rows against every device's embeddings. The
+classification step (an image tower fine-tuned with a new head) shares the optimizer step and
+its shardings; its loss is a plain mean over the global batch.
 
 With `accum_steps = k > 1` the step is GradCache (Gao et al. 2021, "Scaling Deep Contrastive
 Learning Batch Size under Memory Limited Setup"): the batch is embedded in k micro-batches with no
@@ -34,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from align_jax import losses
-from align_jax.models import DualEncoder, init_variables
+from align_jax.models import DualEncoder, ImageClassifier, init_variables
 from align_jax.sharding import (
     DEFAULT_RULES,
     batch_axes,
@@ -306,6 +308,47 @@ def _make_accumulated_loss_and_grad_fn(
     return compute
 
 
+def _jit_step(
+    grad_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule, mesh: Mesh, state_shardings
+) -> Callable:
+    """The optimizer step around `grad_fn` (see `make_loss_and_grad_fn`), jitted with explicit
+    shardings and the input state donated."""
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(
+            metrics,
+            loss=loss,
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),  # after the update: non-finite means a poisoned state
+            learning_rate=schedule(state.step),
+        )
+        if "temperature" in state.params:
+            metrics["temperature"] = state.params["temperature"]
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+
+
+def _checked_step(jitted: Callable, flops_jitted: Callable, mesh: Mesh) -> Callable:
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        check_batch_size(batch["images"].shape[0], mesh)
+        return jitted(state, batch)
+
+    train_step.jitted = jitted  # for .lower() / cost and memory analysis
+    train_step.flops_jitted = flops_jitted
+    return train_step
+
+
 def make_train_step(
     model: DualEncoder,
     loss_config: ml_collections.ConfigDict,
@@ -321,40 +364,57 @@ def make_train_step(
     `attention_mask` `[B, L]`. `accum_steps > 1` computes the same step in that many
     micro-batches (see the module doc)."""
     loss_fn = make_loss_fn(loss_config, mesh)
-
-    def jit_step(grad_fn: Callable) -> Callable:
-        def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-            rng = jax.random.fold_in(state.rng, state.step)
-            (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = dict(
-                metrics,
-                loss=loss,
-                temperature=state.params["temperature"],
-                grad_norm=optax.tree.norm(grads),
-                param_norm=optax.tree.norm(params),  # after the update: non-finite means a poisoned state
-                learning_rate=schedule(state.step),
-            )
-            new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-            return new_state, metrics
-
-        return jax.jit(
-            step,
-            in_shardings=(state_shardings, batch_sharding(mesh)),
-            out_shardings=(state_shardings, None),
-            donate_argnums=0,
-        )
-
-    jitted = jit_step(make_loss_and_grad_fn(model, loss_fn, freeze, accum_steps, mesh))
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        check_batch_size(batch["images"].shape[0], mesh)
-        return jitted(state, batch)
-
-    train_step.jitted = jitted  # for .lower() / cost and memory analysis
+    jitted = _jit_step(
+        make_loss_and_grad_fn(model, loss_fn, freeze, accum_steps, mesh), tx, schedule, mesh, state_shardings
+    )
     # XLA's cost analysis counts a loop body once, not once per micro-batch, so FLOPs (for MFU)
     # are read from the same step without accumulation: model FLOPs, no recomputed forward pass.
     # Only ever lowered, never compiled.
-    train_step.flops_jitted = jitted if accum_steps == 1 else jit_step(make_loss_and_grad_fn(model, loss_fn, freeze))
-    return train_step
+    flops_jitted = (
+        jitted
+        if accum_steps == 1
+        else _jit_step(make_loss_and_grad_fn(model, loss_fn, freeze), tx, schedule, mesh, state_shardings)
+    )
+    return _checked_step(jitted, flops_jitted, mesh)
+
+
+def make_classification_loss_and_grad_fn(
+    model: ImageClassifier, label_smoothing: float = 0.0, freeze: str = ""
+) -> Callable:
+    """`(params, batch_stats, batch, rng) -> ((loss, (metrics, new_batch_stats)), grads)` of the
+    label-smoothed softmax cross-entropy of `model(images)` against `labels` over the global
+    batch; `metrics` holds the batch's top-1 accuracy. `freeze="image"` runs the tower in
+    inference mode (a linear probe trained by gradient descent)."""
+    train_tower = freeze != "image"
+
+    def compute(params, batch_stats, batch, rng):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train_tower:
+            logits, updates = model.apply(
+                variables, batch["images"], train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+            )
+            batch_stats = updates["batch_stats"]
+        else:
+            logits = model.apply(variables, batch["images"])
+        loss = losses.softmax_cross_entropy(logits, batch["labels"], label_smoothing)
+        top1 = jnp.mean(jnp.argmax(logits, axis=1) == batch["labels"])
+        return loss, (dict(top1=top1), batch_stats)
+
+    return jax.value_and_grad(compute, has_aux=True)
+
+
+def make_classification_train_step(
+    model: ImageClassifier,
+    label_smoothing: float,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: TrainState,
+    freeze: str = "",
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`train_step(state, batch) -> (state, metrics)` of an image classifier, as `make_train_step`
+    but on `images` and integer `labels [B]` (see `make_classification_loss_and_grad_fn`)."""
+    jitted = _jit_step(
+        make_classification_loss_and_grad_fn(model, label_smoothing, freeze), tx, schedule, mesh, state_shardings
+    )
+    return _checked_step(jitted, jitted, mesh)

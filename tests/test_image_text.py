@@ -214,7 +214,9 @@ def test_demo_config_writes_and_wires_the_composed_query_split(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.demo_data.update(num_train=16, num_eval=8, num_shards=2, image_size=48, num_queries=6)
+    config.demo_data.update(
+        num_train=16, num_eval=8, num_shards=2, image_size=48, num_queries=6, num_labelled=(8, 4), num_captioned=(8, 4)
+    )
     prepared = train.prepare_config(config, epath.Path(tmp_path))
     specs = demo_data.image_text_specs(str(tmp_path / train.DEMO_DATA_DIR))
     assert (prepared.evals.image_text.queries, prepared.evals.image_text.gallery) == (

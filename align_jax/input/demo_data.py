@@ -6,7 +6,10 @@ makes) and `txt` a noisy alt-text (some attributes only, shuffled, web junk such
 photo" or file names). A small model learns the pairing on CPU in minutes. `label` (the first
 shape and its colour) serves classification probes. A composed-query split pairs scenes with a
 text asking for one change ("on a black background") and the changed scene, for image+text
-query retrieval.
+query retrieval. Two transfer splits follow: a labelled one (single-object scenes, `label` their
+shape and colour, `layout` their size and position; train and test) for linear probes and
+classification fine-tuning, and a captioned one (3 to 5 differently phrased captions per scene
+under `caption_0` ...; train and test), COCO/Flickr-style, for retrieval fine-tuning.
 
     python -m align_jax.input.demo_data --output /tmp/align_demo_data
 """
@@ -134,6 +137,21 @@ def alt_text(attributes: dict, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+POSITIONS = ("left", "right", "top", "bottom")
+
+
+def layout(attributes: dict) -> int:
+    """The first object's size and position, in `layout_names()` order (what the demo's captions
+    teach besides colours and shapes)."""
+    first = attributes["objects"][0]
+    return list(SIZES).index(first["size"]) * len(POSITIONS) + POSITIONS.index(first["position"])
+
+
+def layout_names() -> list[str]:
+    """Names of the `layout` classes ("small on the left", ...)."""
+    return [f"{size} on the {position}" for size in SIZES for position in POSITIONS]
+
+
 def label(attributes: dict) -> int:
     first = attributes["objects"][0]
     return SHAPES.index(first["shape"]) * len(COLORS) + list(COLORS).index(first["color"])
@@ -173,6 +191,73 @@ def image_text_records(num_queries: int, seed: int, image_size: int = 128) -> tu
     return queries, targets + references
 
 
+LABELLED_SEED_OFFSET = 3  # the labelled split's train (seed + 3) and test (seed + 4) scenes
+CAPTIONED_SEED_OFFSET = 5  # the captioned split's train (seed + 5) and test (seed + 6) scenes
+NUM_LABELLED = (2048, 512)  # (train, test) scenes of the labelled split
+NUM_CAPTIONED = (2048, 512)  # (train, test) scenes of the captioned split
+CAPTION_FIELDS = tuple(f"caption_{i}" for i in range(5))  # a captioned scene fills the first 3 to 5
+MIN_CAPTIONS = 3
+
+
+def labelled_records(num_examples: int, seed: int, image_size: int = 128) -> list[bytes]:
+    """Single-object scenes with two class fields: `label`, the object's shape and colour
+    (`class_names()`; unlike the first shape of a two-shape scene, which is left or right at
+    random, the image shows it), and `layout`, its size and position (`layout_names()`). `vecap`
+    describes the scene."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(num_examples):
+        attributes = draw_scene(rng)
+        attributes["objects"] = attributes["objects"][:1]
+        jpeg = tf.io.encode_jpeg(render_scene(attributes, rng, image_size), quality=90).numpy()
+        texts = dict(vecap=rich_caption(attributes), key=f"{seed}-{index:07d}")
+        out.append(encode_example(jpeg, texts, dict(label=label(attributes), layout=layout(attributes))))
+    return out
+
+
+def caption_variants(attributes: dict) -> list[str]:
+    """Five distinct descriptions of a scene, as different annotators would write them: other
+    phrasings, object orders and detail (the first is `rich_caption`). None runs past 20 words."""
+    background, objects = attributes["background"], attributes["objects"]
+    styles = (
+        "a {size} {color} {shape} on the {position}",
+        "{a_color} {shape} on the {position}",
+        "the {size} {shape} in {color} on the {position}",
+        "on the {position} {a_color} {size} {shape}",
+    )
+
+    def describe(style: int, objects: list[dict]) -> str:
+        phrases = []
+        for o in objects:
+            article = "an" if o["color"][0] in "aeiou" else "a"
+            phrases.append(styles[style].format(**o, a_color=f"{article} {o['color']}"))
+        return " and ".join(phrases)
+
+    return [
+        rich_caption(attributes),
+        f"a {background} background with {describe(0, objects)}",
+        f"{describe(1, objects[::-1])}, on {background}",
+        f"{describe(2, objects)}, on {background}",
+        f"{background} background, {describe(3, objects[::-1])}",
+    ]
+
+
+def captioned_records(num_examples: int, seed: int, image_size: int = 128) -> list[bytes]:
+    """Scenes with 3 to 5 of their `caption_variants` in random order, under `caption_0`, ...
+    (the rest absent), as COCO and Flickr30K give several captions per image."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(num_examples):
+        attributes = draw_scene(rng)
+        jpeg = tf.io.encode_jpeg(render_scene(attributes, rng, image_size), quality=90).numpy()
+        variants = caption_variants(attributes)
+        count = int(rng.integers(MIN_CAPTIONS, len(CAPTION_FIELDS) + 1))
+        chosen = rng.choice(len(variants), size=count, replace=False)
+        texts = {field: variants[i] for field, i in zip(CAPTION_FIELDS[:count], chosen, strict=True)}
+        out.append(encode_example(jpeg, dict(texts, key=f"{seed}-{index:07d}")))
+    return out
+
+
 def vocab_tokens() -> list[str]:
     """A WordPiece vocab covering the demo captions (every word whole) and any other text
     (single characters and their continuations)."""
@@ -199,7 +284,7 @@ def write(
     num_queries: int = NUM_QUERIES,
 ) -> dict[str, str]:
     """Writes `train-*.tfrecord`, `eval-*.tfrecord`, the composed-query split and `vocab.txt`;
-    returns their source specs."""
+    returns their source specs. `write_missing` adds the labelled and captioned splits."""
     tf.io.gfile.makedirs(output_dir)
     write_tfrecords(records(num_train, seed, image_size), output_dir, num_shards, "train")
     write_tfrecords(records(num_eval, seed + 1, image_size), output_dir, max(1, num_shards // 4), "eval")
@@ -233,6 +318,64 @@ def write_image_text(
     return image_text_specs(output_dir)
 
 
+def specs(output_dir: str) -> dict[str, str]:
+    """Source specs of every split of a demo data folder, and its vocab."""
+
+    def spec(prefix: str) -> str:
+        return f"tfrecord:{os.path.join(output_dir, prefix + '-*.tfrecord')}"
+
+    return dict(
+        train=spec("train"),
+        eval=spec("eval"),
+        vocab=os.path.join(output_dir, "vocab.txt"),
+        **image_text_specs(output_dir),
+        labelled_train=spec("labelled-train"),
+        labelled_test=spec("labelled-test"),
+        captioned_train=spec("captioned-train"),
+        captioned_test=spec("captioned-test"),
+    )
+
+
+def write_labelled(
+    output_dir: str, num_train: int, num_test: int, seed: int = LABELLED_SEED_OFFSET, image_size: int = 128
+) -> None:
+    """Writes the labelled split, `labelled-train-*.tfrecord` and then `labelled-test-*.tfrecord`."""
+    write_tfrecords(labelled_records(num_train, seed, image_size), output_dir, 2, "labelled-train")
+    write_tfrecords(labelled_records(num_test, seed + 1, image_size), output_dir, 1, "labelled-test")
+
+
+def write_captioned(
+    output_dir: str, num_train: int, num_test: int, seed: int = CAPTIONED_SEED_OFFSET, image_size: int = 128
+) -> None:
+    """Writes the captioned split, `captioned-train-*.tfrecord` and then `captioned-test-*.tfrecord`."""
+    write_tfrecords(captioned_records(num_train, seed, image_size), output_dir, 2, "captioned-train")
+    write_tfrecords(captioned_records(num_test, seed + 1, image_size), output_dir, 1, "captioned-test")
+
+
+def write_missing(
+    output_dir: str,
+    seed: int = 0,
+    image_size: int = 128,
+    num_queries: int = NUM_QUERIES,
+    num_labelled: tuple[int, int] = NUM_LABELLED,
+    num_captioned: tuple[int, int] = NUM_CAPTIONED,
+) -> list[str]:
+    """Writes the splits that a demo data folder lacks (those `write` leaves out, or that a folder
+    written before they existed has not got); returns their names. Each split's seed is offset
+    from `seed`, so adding one never changes the others."""
+    written = []
+    if not tf.io.gfile.glob(os.path.join(output_dir, "gallery-*.tfrecord")):  # written last
+        write_image_text(output_dir, num_queries, seed + IMAGE_TEXT_SEED_OFFSET, image_size)
+        written.append("image_text")
+    if not tf.io.gfile.glob(os.path.join(output_dir, "labelled-test-*.tfrecord")):
+        write_labelled(output_dir, *num_labelled, seed + LABELLED_SEED_OFFSET, image_size)
+        written.append("labelled")
+    if not tf.io.gfile.glob(os.path.join(output_dir, "captioned-test-*.tfrecord")):
+        write_captioned(output_dir, *num_captioned, seed + CAPTIONED_SEED_OFFSET, image_size)
+        written.append("captioned")
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True)
@@ -242,11 +385,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_queries", type=int, default=NUM_QUERIES)
+    parser.add_argument("--num_labelled", type=int, nargs=2, default=NUM_LABELLED, metavar=("TRAIN", "TEST"))
+    parser.add_argument("--num_captioned", type=int, nargs=2, default=NUM_CAPTIONED, metavar=("TRAIN", "TEST"))
     args = parser.parse_args(argv)
-    specs = write(
-        args.output, args.num_train, args.num_eval, args.num_shards, args.seed, args.image_size, args.num_queries
+    write(args.output, args.num_train, args.num_eval, args.num_shards, args.seed, args.image_size, args.num_queries)
+    write_missing(
+        args.output, args.seed, args.image_size, args.num_queries, tuple(args.num_labelled), tuple(args.num_captioned)
     )
-    print("\n".join(f"{k}: {v}" for k, v in specs.items()))
+    print("\n".join(f"{k}: {v}" for k, v in specs(args.output).items()))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
             vocab="",  # WordPiece vocab file; the text tower's vocab size follows it
             lower_case=True,
             captions={"txt": 1.0},  # caption field -> sampling weight (VeCap-style mixing)
+            label_field="label",  # the integer class field that the classification task trains on
             csv_image_column="image",
             tfds_data_dir="",
             tfds_image_key="image",

@@ -2,6 +2,7 @@
 
 from align_jax.models.dual_encoder import (
     DualEncoder,
+    ImageClassifier,
     build_model,
     init_variables,
     l2_normalize,
@@ -9,4 +10,12 @@ from align_jax.models.dual_encoder import (
     pixels_to_unit_range,
 )
 
-__all__ = ["DualEncoder", "build_model", "init_variables", "l2_normalize", "logits_per_image", "pixels_to_unit_range"]
+__all__ = [
+    "DualEncoder",
+    "ImageClassifier",
+    "build_model",
+    "init_variables",
+    "l2_normalize",
+    "logits_per_image",
+    "pixels_to_unit_range",
+]

@@ -1,4 +1,5 @@
-"""The ALIGN dual encoder: image and text towers, projections, L2 normalisation, temperature."""
+"""The ALIGN dual encoder: image and text towers, projections, L2 normalisation, temperature;
+and the image classifier that transfer builds on its image tower."""
 
 from __future__ import annotations
 
@@ -66,6 +67,11 @@ class DualEncoder(nn.Module):
             features = self.image_projection(features)
         return l2_normalize(features.astype(jnp.float32))
 
+    def image_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """The pooled image tower `[N, C]` in float32, before the projection and normalisation
+        (what a linear probe reads)."""
+        return self.image_tower(pixels_to_unit_range(images), train=train).astype(jnp.float32)
+
     def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
         """Token ids and mask `[N, L]` -> unit-norm float32 embeddings `[N, embed_dim]`."""
         hidden = self.text_tower(input_ids, attention_mask, train=train)
@@ -84,6 +90,30 @@ class DualEncoder(nn.Module):
         return out
 
 
+class ImageClassifier(nn.Module):
+    """Logits = a linear head on the pooled image tower (how ALIGN transfers its image tower to
+    classification). The head starts at zero, as in big_vision's transfer configs: the first steps move
+    the head from the pretrained features instead of back-propagating a random projection into
+    them. The tower is the dual encoder's (`image_tower`), so its variables load from a
+    pretraining checkpoint under the same names."""
+
+    image_tower: nn.Module
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        # Logits in float32 whatever the compute dtype: the loss and the argmax read them.
+        self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32, name="head")
+
+    def image_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """The pooled image tower `[N, C]` in float32 (what the head and a linear probe read)."""
+        return self.image_tower(pixels_to_unit_range(images), train=train).astype(jnp.float32)
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Images `[N, H, W, 3]` (uint8, or float in [-1, 1]) -> float32 logits `[N, num_classes]`."""
+        return self.head(self.image_features(images, train))
+
+
 def logits_per_image(image_embeds: jax.Array, text_embeds: jax.Array, temperature: jax.Array) -> jax.Array:
     """`[N_images, N_texts]` similarities divided by the temperature (HF's `logits_per_image`)."""
     return image_embeds @ text_embeds.T / temperature
@@ -98,9 +128,10 @@ IMAGE_TOWERS: dict[str, type[nn.Module]] = {"efficientnet": EfficientNet, "vit":
 TEXT_TOWERS: dict[str, type[nn.Module]] = {"bert": Bert, "transformer": TextTransformer}
 
 
-def build_model(config: ml_collections.ConfigDict) -> DualEncoder:
-    """The DualEncoder described by a model config (see `align_jax.models.presets`); a tower
-    config without `type` is EfficientNet / BERT (configs written before there was a choice)."""
+def build_model(config: ml_collections.ConfigDict) -> DualEncoder | ImageClassifier:
+    """The DualEncoder described by a model config (see `align_jax.models.presets`), or with
+    `num_classes` > 0 the ImageClassifier of its image tower; a tower config without `type` is
+    EfficientNet / BERT (configs written before there was a choice)."""
     dtype = jnp.dtype(config.get("dtype", "float32"))
     image_type = config.image.get("type", "efficientnet")
     text_type = config.text.get("type", "bert")
@@ -113,6 +144,11 @@ def build_model(config: ml_collections.ConfigDict) -> DualEncoder:
     if image_type == "vit":
         # The input size the position embeddings are laid out for is the model's image size.
         image_fields = {"image_size": config.image_size, **image_fields}
+    num_classes = config.get("num_classes", 0)
+    if not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"model.num_classes must be a non-negative integer, got {num_classes!r}")
+    if num_classes:
+        return ImageClassifier(IMAGE_TOWERS[image_type](**image_fields, dtype=dtype), num_classes, dtype)
     return DualEncoder(
         image_tower=IMAGE_TOWERS[image_type](**image_fields, dtype=dtype),
         text_tower=TEXT_TOWERS[text_type](**text_fields, dtype=dtype),
@@ -123,8 +159,10 @@ def build_model(config: ml_collections.ConfigDict) -> DualEncoder:
     )
 
 
-def init_variables(model: DualEncoder, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+def init_variables(model: DualEncoder | ImageClassifier, config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
     """Initial `{'params', 'batch_stats'}` for a batch of one at the configured sizes."""
     images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    if isinstance(model, ImageClassifier):
+        return dict(jax.jit(model.init)(rng, images))
     ids = jnp.zeros((1, config.max_text_length), jnp.int32)
     return dict(jax.jit(model.init)(rng, images, ids, jnp.ones_like(ids)))
