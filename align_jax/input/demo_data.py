@@ -37,6 +37,7 @@ COLORS = {
 }
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (150, 150, 150), "black": (25, 25, 25)}
 SIZES = {"small": 0.13, "large": 0.22}
+POSITIONS = ("left", "right", "top", "bottom")  # of a lone object; two objects stand left and right
 JUNK = ("stock photo", "img", "jpg", "download", "free", "hd wallpaper", "photo", "picture", "image", "1920x1080")
 CONNECTIVES = "a an and on the of with left right top bottom background next to in".split()
 
@@ -60,7 +61,7 @@ def draw_scene(rng: np.random.Generator) -> dict:
     position, and a small jitter of the position, `offset`, as fractions of the image side)."""
     background = str(rng.choice(list(BACKGROUNDS)))
     count = int(rng.integers(1, 3))
-    positions = ["left", "right"] if count == 2 else [str(rng.choice(["left", "right", "top", "bottom"]))]
+    positions = ["left", "right"] if count == 2 else [str(rng.choice(list(POSITIONS)))]
     if count == 2 and rng.random() < 0.5:
         positions = positions[::-1]
     objects = []
@@ -135,9 +136,6 @@ def alt_text(attributes: dict, rng: np.random.Generator) -> str:
     if rng.random() < 0.2:
         words.append(f"img_{int(rng.integers(1000, 9999))}.jpg")
     return " ".join(words)
-
-
-POSITIONS = ("left", "right", "top", "bottom")
 
 
 def layout(attributes: dict) -> int:
