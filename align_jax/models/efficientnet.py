@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -312,12 +312,18 @@ class MBConvBlock(nn.Module):
             group_size=self.bn_group_size,
             dtype=self.dtype,
         )
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=conv_init)
+        def dense(features: int, name: str, use_bias: bool = True) -> Callable[[jax.Array], jax.Array]:
+            """A 1x1 convolution as a matmul over the flattened positions `[N*H*W, C]`: with one
+            contracting axis XLA:CPU runs the weight gradient as a library matmul; with N, H, W as
+            three it writes the output gradient transposed first (benchmarks/RESULTS.md)."""
+            layer = nn.Dense(features, use_bias=use_bias, dtype=self.dtype, kernel_init=conv_init, name=name)
+            return lambda v: layer(v.reshape(-1, v.shape[-1])).reshape(*v.shape[:-1], features)
+
         inputs = x
         width = spec.in_dim
         if spec.expand_ratio != 1:
             width = spec.in_dim * spec.expand_ratio
-            x = dense(width, use_bias=False, name="expand_conv")(x)
+            x = dense(width, "expand_conv", use_bias=False)(x)
             x = norm(name="expand_bn", activation=act)(x)
         x = DepthwiseConv(
             spec.kernel_size,
@@ -331,10 +337,10 @@ class MBConvBlock(nn.Module):
         # Squeeze-excite; its bottleneck is sized from the block *input* width.
         se_width = max(1, int(spec.in_dim * self.squeeze_expansion_ratio))
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = act(dense(se_width, name="se_reduce")(s))
-        s = nn.sigmoid(dense(width, name="se_expand")(s))
+        s = act(dense(se_width, "se_reduce")(s))
+        s = nn.sigmoid(dense(width, "se_expand")(s))
         x = x * s
-        x = dense(spec.out_dim, use_bias=False, name="project_conv")(x)
+        x = dense(spec.out_dim, "project_conv", use_bias=False)(x)
         x = norm(name="project_bn")(x)
         if spec.residual:
             x = DropConnect(spec.drop_rate, self.drop_connect_mode)(x, deterministic=not train)
