@@ -209,16 +209,15 @@ def _shifted_sum_fwd(x, kernel, stride, padding):
     return _shifted_sum(x, kernel, stride, padding), (x, kernel)
 
 
-def _shifted_sum_bwd(stride, padding, residuals, g):
-    """d/dx: the cotangent dilated by the stride, padded by k - 1 less the forward padding (negative
-    padding crops) and correlated with the flipped kernel; d/dkernel: one reduction per tap."""
-    x, kernel = residuals
+def _input_gradient(g, kernel, x_shape, stride, padding):
+    """The cotangent dilated by the stride, padded by k - 1 less the forward padding (negative
+    padding crops) and correlated with the flipped kernel."""
     k_h, k_w = kernel.shape[:2]
     (low_h, high_h), (low_w, high_w) = padding
     out_h, out_w = g.shape[1:3]
     # Rows (columns) of the padded input that no window reached when (padded - k) % stride != 0.
-    unread_h = x.shape[1] + low_h + high_h - (stride * (out_h - 1) + 1) - (k_h - 1)
-    unread_w = x.shape[2] + low_w + high_w - (stride * (out_w - 1) + 1) - (k_w - 1)
+    unread_h = x_shape[1] + low_h + high_h - (stride * (out_h - 1) + 1) - (k_h - 1)
+    unread_w = x_shape[2] + low_w + high_w - (stride * (out_w - 1) + 1) - (k_w - 1)
     g_dilated = jax.lax.pad(
         g,
         jnp.zeros((), g.dtype),
@@ -229,13 +228,31 @@ def _shifted_sum_bwd(stride, padding, residuals, g):
             (0, 0, 0),
         ),
     )
-    dx = _shifted_sum(g_dilated, kernel[::-1, ::-1], 1, ((0, 0), (0, 0)))
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    taps = [
-        jnp.sum(window * g, axis=(0, 1, 2), dtype=jnp.float32)
-        for _, _, window in _shifted_windows(xp, k_h, k_w, stride, out_h, out_w)
-    ]
-    return dx, jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    return _shifted_sum(g_dilated, kernel[::-1, ::-1], 1, ((0, 0), (0, 0)))
+
+
+def _shifted_sum_bwd(stride, padding, residuals, g):
+    """Both gradients one example at a time (a scan over the batch): d/dkernel is one reduction per
+    tap of a shifted window of the input times the cotangent, and XLA:CPU materialises each window
+    before reducing it; one example's windows stay in cache where the whole batch's went to memory
+    (2-3x faster per layer; benchmarks/RESULTS.md). d/dx: see `_input_gradient`."""
+    x, kernel = residuals
+    k_h, k_w = kernel.shape[:2]
+    out_h, out_w = g.shape[1:3]
+
+    def one_example(d_kernel, example):
+        xi, gi = example  # [H, W, C], [out_h, out_w, C]
+        xp = jnp.pad(xi[None], ((0, 0), padding[0], padding[1], (0, 0)))
+        taps = [
+            jnp.sum(window[0] * gi, axis=(0, 1), dtype=jnp.float32)
+            for _, _, window in _shifted_windows(xp, k_h, k_w, stride, out_h, out_w)
+        ]
+        dxi = _input_gradient(gi[None], kernel, (1,) + xi.shape, stride, padding)[0]
+        return d_kernel + jnp.stack(taps), dxi
+
+    d_kernel = jnp.zeros((k_h * k_w, x.shape[-1]), jnp.float32)
+    d_kernel, dx = jax.lax.scan(one_example, d_kernel, (x, g))
+    return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 shifted_sum_depthwise.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
