@@ -39,7 +39,12 @@ import numpy as np
 from benchmarks import common
 
 REPO = Path(__file__).resolve().parents[1]
-ALLOCATOR_ENV = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+# glibc malloc for both frameworks: keep freed memory instead of returning it (mmap_max, trim), and
+# back large blocks with transparent huge pages (hugetlb=1). Allocations over 64 MiB from a thread
+# other than the main one are mmap'd whatever mmap_max says, so XLA:CPU's per-execution temp buffer
+# (3.6 GB for the small config) is fresh memory each step: 900k page faults, 1.6 s of kernel time
+# per 3.3 s step; with huge pages 2k faults and a 2.3 s step (benchmarks/RESULTS.md).
+ALLOCATOR_ENV = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"
 CONFIGS = ("tiny", "small", "bert_heavy")
 SEED = 0
 

@@ -162,3 +162,24 @@ def test_shifted_sum_depthwise_equals_grouped_convolution_with_gradients(size, k
     got = jax.grad(loss(enet.shifted_sum_depthwise), argnums=(0, 1))(x, kernel)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,padding", [(10, ((0, 1), (0, 1))), (9, ((0, 1), (0, 1))), (8, ((1, 1), (1, 1)))])
+def test_stem_im2col_equals_the_convolution_with_gradients(size, padding):
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (2, size, size + 1, 3))
+
+    def stem(impl):
+        return enet.StemConv(8, 3, 2, padding, impl)
+
+    variables = stem("conv").init(keys[1], x)
+    assert variables["params"]["kernel"].shape == (3, 3, 3, 8)  # nn.Conv's layout: checkpoints unchanged
+    expected = stem("conv").apply(variables, x)
+    np.testing.assert_allclose(stem("shifted_sum").apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(keys[2], expected.shape)
+
+    def grads(impl):
+        return jax.grad(lambda v, x: jnp.vdot(stem(impl).apply(v, x), cotangent), argnums=(0, 1))(variables, x)
+
+    for got, want in zip(jax.tree.leaves(grads("shifted_sum")), jax.tree.leaves(grads("conv")), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

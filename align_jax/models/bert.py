@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax.models.layers import repeat_layers
+from align_jax.models.layers import FlatDense, repeat_layers
 
 # (hidden, layers, heads, intermediate)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -75,7 +75,7 @@ class SelfAttention(nn.Module):
         if hidden % self.num_heads:
             raise ValueError(f"hidden size {hidden} is not a multiple of num_heads {self.num_heads}")
         head_dim = hidden // self.num_heads
-        dense = functools.partial(nn.Dense, hidden, dtype=self.dtype, kernel_init=weight_init)
+        dense = functools.partial(FlatDense, hidden, dtype=self.dtype, kernel_init=weight_init)
         split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))  # noqa: E731
         q = split(dense(name="query")(x))
         k = split(dense(name="key")(x))
@@ -106,9 +106,9 @@ class TransformerLayer(nn.Module):
         drop = functools.partial(nn.Dropout, self.hidden_dropout, deterministic=not train)
         y = SelfAttention(self.num_heads, self.attention_dropout, self.dtype, name="attention")(x, mask, train)
         x = norm(name="attention_ln")(x + drop()(y))
-        y = nn.Dense(self.intermediate_size, dtype=self.dtype, kernel_init=weight_init, name="intermediate")(x)
+        y = FlatDense(self.intermediate_size, dtype=self.dtype, kernel_init=weight_init, name="intermediate")(x)
         y = ACTIVATIONS[self.activation](y)
-        y = nn.Dense(hidden, dtype=self.dtype, kernel_init=weight_init, name="output")(y)
+        y = FlatDense(hidden, dtype=self.dtype, kernel_init=weight_init, name="output")(y)
         return norm(name="output_ln")(x + drop()(y))
 
 

@@ -6,8 +6,9 @@ only on the repeats of a stage (never on its first block, even when shapes would
 squeeze-excite width is `int(ratio * block input channels)`; no top conv; the embedding is the
 global pool of the last stage.
 
-1x1 convolutions are written as `Dense` over the channel axis: the same maths, but XLA lowers
-their weight gradients to a matmul instead of a large-window convolution (much faster on CPU).
+1x1 convolutions are written as `Dense` over the channel axis of the flattened positions
+(`FlatDense`): the same maths, but XLA lowers their weight gradients to one matmul instead of a
+large-window convolution (much faster on CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import chex
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from align_jax.models.layers import remat_block
+from align_jax.models.layers import FlatDense, remat_block
 from align_jax.models.norms import BatchNorm
 
 # (width, depth, native resolution) per variant, from the EfficientNet and Noisy Student papers.
@@ -290,6 +291,36 @@ class DepthwiseConv(nn.Module):
         )
 
 
+class StemConv(nn.Module):
+    """The stem's dense 3x3 stride-2 convolution with `nn.Conv`'s parameter layout. On CPU
+    (`impl` 'auto' or 'shifted_sum') it is one matmul over the k*k*C_in patches (im2col): the
+    forward costs the same as XLA's convolution, the weight gradient a third (benchmarks/RESULTS.md)."""
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: tuple[tuple[int, int], ...]
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, in_features = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", conv_init, (k, k, in_features, self.features), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.impl == "conv" or (self.impl == "auto" and jax.default_backend() != "cpu"):
+            return jax.lax.conv_general_dilated(
+                x, kernel, (self.stride, self.stride), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        xp = jnp.pad(x, ((0, 0), self.padding[0], self.padding[1], (0, 0)))
+        out_h = (xp.shape[1] - k) // self.stride + 1
+        out_w = (xp.shape[2] - k) // self.stride + 1
+        # Patch features in the kernel's (row, column, channel) order.
+        patches = jnp.concatenate([w for _, _, w in _shifted_windows(xp, k, k, self.stride, out_h, out_w)], axis=-1)
+        out = patches.reshape(-1, k * k * in_features) @ kernel.reshape(k * k * in_features, self.features)
+        return out.reshape(x.shape[0], out_h, out_w, self.features)
+
+
 class DropConnect(nn.Module):
     """Residual-branch dropout: whole examples ('per_example', stochastic depth as in the
     original EfficientNet) or single elements ('elementwise', as HF's port does)."""
@@ -329,18 +360,12 @@ class MBConvBlock(nn.Module):
             group_size=self.bn_group_size,
             dtype=self.dtype,
         )
-        def dense(features: int, name: str, use_bias: bool = True) -> Callable[[jax.Array], jax.Array]:
-            """A 1x1 convolution as a matmul over the flattened positions `[N*H*W, C]`: with one
-            contracting axis XLA:CPU runs the weight gradient as a library matmul; with N, H, W as
-            three it writes the output gradient transposed first (benchmarks/RESULTS.md)."""
-            layer = nn.Dense(features, use_bias=use_bias, dtype=self.dtype, kernel_init=conv_init, name=name)
-            return lambda v: layer(v.reshape(-1, v.shape[-1])).reshape(*v.shape[:-1], features)
-
+        dense = functools.partial(FlatDense, dtype=self.dtype, kernel_init=conv_init)
         inputs = x
         width = spec.in_dim
         if spec.expand_ratio != 1:
             width = spec.in_dim * spec.expand_ratio
-            x = dense(width, "expand_conv", use_bias=False)(x)
+            x = dense(width, use_bias=False, name="expand_conv")(x)
             x = norm(name="expand_bn", activation=act)(x)
         x = DepthwiseConv(
             spec.kernel_size,
@@ -354,10 +379,10 @@ class MBConvBlock(nn.Module):
         # Squeeze-excite; its bottleneck is sized from the block *input* width.
         se_width = max(1, int(spec.in_dim * self.squeeze_expansion_ratio))
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = act(dense(se_width, "se_reduce")(s))
-        s = nn.sigmoid(dense(width, "se_expand")(s))
+        s = act(dense(se_width, name="se_reduce")(s))
+        s = nn.sigmoid(dense(width, name="se_expand")(s))
         x = x * s
-        x = dense(spec.out_dim, "project_conv", use_bias=False)(x)
+        x = dense(spec.out_dim, use_bias=False, name="project_conv")(x)
         x = norm(name="project_bn")(x)
         if spec.residual:
             x = DropConnect(spec.drop_rate, self.drop_connect_mode)(x, deterministic=not train)
@@ -386,7 +411,7 @@ class EfficientNet(nn.Module):
     drop_connect_rate: float = 0.2
     drop_connect_mode: str = "per_example"
     bn_group_size: int | None = None  # None: statistics over the whole batch; else per group
-    depthwise_impl: str = "auto"  # see DepthwiseConv
+    depthwise_impl: str = "auto"  # see DepthwiseConv; also picks the stem's lowering (StemConv)
     remat: str = "none"  # MBConv blocks: 'none', 'full' or 'dots' (see align_jax.models.vit)
     dtype: Any = jnp.float32
 
@@ -423,14 +448,13 @@ class EfficientNet(nn.Module):
             )
         act = ACTIVATIONS[self.activation]
         x = images.astype(self.dtype)
-        x = nn.Conv(
+        x = StemConv(
             round_filters(STEM_CHANNELS, self.width_coefficient, self.depth_divisor),
-            (3, 3),
-            strides=2,
-            padding=((0, 1), (0, 1)),  # HF: ZeroPad2d((0, 1, 0, 1)) then a 'valid' conv
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=conv_init,
+            3,
+            2,
+            ((0, 1), (0, 1)),  # HF: ZeroPad2d((0, 1, 0, 1)) then a 'valid' conv
+            self.depthwise_impl,
+            self.dtype,
             name="stem_conv",
         )(x)
         x = BatchNorm(

@@ -33,6 +33,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+
+class FlatDense(nn.Dense):
+    """`nn.Dense` (same parameters) applied to the input flattened to `[rows, features]`. The
+    weight gradient of a Dense over `[N, L, D]` contracts two axes, and XLA:CPU then runs it
+    outside its matmul library after writing the output gradient transposed; with one contracting
+    axis it is one library matmul (benchmarks/RESULTS.md). Other backends see the same maths."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        flat = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return flat.reshape(*inputs.shape[:-1], self.features)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": functools.partial(nn.gelu, approximate=False),  # PyTorch's nn.GELU, open_clip, timm
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),  # big_vision's nn.gelu default
@@ -142,7 +155,7 @@ class EncoderBlock(nn.Module):
         )(y, mask=mask, deterministic=not train)
         x = x + drop()(y)
         y = norm(name="mlp_ln")(x)
-        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=xavier, bias_init=mlp_bias_init)
+        dense = functools.partial(FlatDense, dtype=self.dtype, kernel_init=xavier, bias_init=mlp_bias_init)
         y = ACTIVATIONS[self.activation](dense(self.intermediate_size, name="mlp_in")(y))
         y = dense(hidden, name="mlp_out")(y)
         return x + drop()(y)

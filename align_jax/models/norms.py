@@ -37,7 +37,9 @@ def _normalize(x, scale, bias, group_size, epsilon, activation):
     count = grouped.shape[1]
     mean = _group_sum(grouped) / count
     var = _group_sum(jnp.square(grouped - mean[:, None])) / count
-    y = (grouped - mean[:, None]) * jax.lax.rsqrt(var + epsilon)[:, None] * scale + bias
+    # x * a + b with per-channel a, b: the centred input then feeds only the variance's sum.
+    a = jax.lax.rsqrt(var + epsilon) * scale
+    y = grouped * a[:, None] + (bias - mean * a)[:, None]
     if activation is not None:
         y = activation(y)
     return y.reshape(x.shape).astype(x.dtype), mean, var
@@ -69,7 +71,11 @@ def _batch_norm_fwd(x, scale, bias, group_size, epsilon, activation):
 
 
 def _batch_norm_bwd(group_size, epsilon, activation, residuals, cotangents):
-    x, scale, bias, mean, var = residuals
+    # The barrier keeps XLA from merging this pass's recomputation with the forward's identical
+    # expressions, which would store the centred and normalised inputs and the activation's
+    # intermediates from the forward pass until now (three more activation-sized arrays).
+    x, mean, var = jax.lax.optimization_barrier(residuals[:1] + residuals[3:])
+    scale, bias = residuals[1:3]
     d_out, d_mean, d_var = cotangents
     n, c = x.shape[0], x.shape[-1]
     grouped = x.astype(jnp.float32).reshape(n // group_size, -1, c)
