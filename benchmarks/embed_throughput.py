@@ -43,8 +43,11 @@ def jax_worker(name: str, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     compiled = jax.jit(embed).lower(variables, batch).compile()
     compile_s = time.perf_counter() - start
-    times = ref.time_steps(lambda: jax.block_until_ready(compiled(variables, batch)), args.warmup, args.steps)
-    return ref.worker_result("jax", name, args.batch, times, compile_s=round(compile_s, 2), torch_mode="-")
+    cpu_times = []
+    times = ref.time_steps(
+        lambda: jax.block_until_ready(compiled(variables, batch)), args.warmup, args.steps, cpu_times
+    )
+    return ref.worker_result("jax", name, args.batch, times, cpu_times, compile_s=round(compile_s, 2), torch_mode="-")
 
 
 def torch_worker(name: str, args: argparse.Namespace) -> dict:
@@ -66,8 +69,9 @@ def torch_worker(name: str, args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             embed(inputs)
 
-    times = ref.time_steps(run_step, args.warmup, args.steps)
-    return ref.worker_result("torch", name, args.batch, times, torch_mode=mode)
+    cpu_times = []
+    times = ref.time_steps(run_step, args.warmup, args.steps, cpu_times)
+    return ref.worker_result("torch", name, args.batch, times, cpu_times, torch_mode=mode)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -176,25 +176,35 @@ def one_device_mesh():
 # ----------------------------------------------------------------------------- timing
 
 
-def time_steps(run_step: Callable[[], None], warmup: int, steps: int) -> list[float]:
-    """Seconds per step of `steps` calls after `warmup` untimed ones (`run_step` must block)."""
+def time_steps(
+    run_step: Callable[[], None], warmup: int, steps: int, cpu_times: list[float] | None = None
+) -> list[float]:
+    """Seconds per step of `steps` calls after `warmup` untimed ones (`run_step` must block).
+    `cpu_times`, if given, receives each step's CPU seconds (user + system, all threads)."""
     for _ in range(warmup):
         run_step()
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
+        cpu_start, start = time.process_time(), time.perf_counter()
         run_step()
         times.append(time.perf_counter() - start)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu_start)
     return times
 
 
-def worker_result(framework: str, config_name: str, batch: int, times: list[float], **extra) -> dict:
+def worker_result(
+    framework: str, config_name: str, batch: int, times: list[float], cpu_times: list[float] = (), **extra
+) -> dict:
+    """One worker's JSON: wall seconds per step, img/s, and the median CPU seconds per step (how
+    much work the step took on all threads, which the wall time hides when threads idle)."""
     return dict(
         framework=framework,
         config=config_name,
         batch=batch,
         step_s=times,
         img_s=batch * len(times) / sum(times),
+        cpu_s_per_step=statistics.median(cpu_times) if cpu_times else None,
         **extra,
     )
 
@@ -354,6 +364,8 @@ def compare(module: str, args: argparse.Namespace, targets: dict[str, float]) ->
             align_jax_img_s_rounds=[round(o["img_s"], 3) for o in per["jax"]],
             torch_img_s_rounds=[round(o["img_s"], 3) for o in per["torch"]],
             align_jax_compile_s=statistics.median(o["compile_s"] for o in per["jax"]),
+            align_jax_cpu_s_per_step=median_or_none(o.get("cpu_s_per_step") for o in per["jax"]),
+            torch_cpu_s_per_step=median_or_none(o.get("cpu_s_per_step") for o in per["torch"]),
             torch_mode=per["torch"][0]["torch_mode"],
         )
         if name in targets:
@@ -377,6 +389,11 @@ def compare(module: str, args: argparse.Namespace, targets: dict[str, float]) ->
     )
 
 
+def median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
 def results_markdown(summary: dict, command: str, what: str) -> str:
     """The RESULTS.md section: conditions, what one step is, the table."""
     v = summary["versions"]
@@ -387,17 +404,23 @@ def results_markdown(summary: dict, command: str, what: str) -> str:
         if summary["pytest_running"]
         else "\n\nNo pytest run shared the machine during the measurements (polled every 5 s)."
     )
+
+    def cpu(value) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     compile_s = ", ".join(f"{name} {r['align_jax_compile_s']:.0f} s" for name, r in summary["results"].items())
     rows = [
-        "| config | align_jax img/s | PyTorch img/s | ratio | median per-round ratio | target | met |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| config | align_jax img/s | PyTorch img/s | ratio | median per-round ratio | target | met "
+        "| align_jax CPU-s/step | PyTorch CPU-s/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in summary["results"].items():
         target = f">= {r['target_ratio']}" if "target_ratio" in r else "-"
         met = ("yes" if r["target_met"] else "**no**") if "target_ratio" in r else "-"
         rows.append(
             f"| {name} | {r['align_jax_img_s']:.2f} | {r['torch_img_s']:.2f} | {r['ratio']:.2f} | "
-            f"{r['paired_ratio_median']:.2f} | {target} | {met} |"
+            f"{r['paired_ratio_median']:.2f} | {target} | {met} | {cpu(r.get('align_jax_cpu_s_per_step'))} | "
+            f"{cpu(r.get('torch_cpu_s_per_step'))} |"
         )
     return (
         f"`{command}` on {summary['machine']} ({summary['threads']} threads), batch {summary['batch']}, float32, "
@@ -405,7 +428,9 @@ def results_markdown(summary: dict, command: str, what: str) -> str:
         "each round runs align_jax and PyTorch in fresh processes, the order alternating; medians over rounds. "
         f"Both under `GLIBC_TUNABLES={summary['env']['GLIBC_TUNABLES']}`. jax {v['jax']}, flax {v['flax']}, "
         f"optax {v['optax']}; torch {v['torch']}, transformers {v['transformers']}; PyTorch {summary['torch_mode']}, "
-        f"channels_last, {summary['threads']} threads.{busy}\n\n{what} align_jax compile time (excluded, median "
+        f"channels_last, {summary['threads']} threads.{busy} CPU-s/step: median CPU seconds (user + system, "
+        "all threads) per step; PyTorch's OpenMP threads spin while they wait, which counts as CPU time.\n\n"
+        f"{what} align_jax compile time (excluded, median "
         f"per worker): {compile_s}.\n\n" + "\n".join(rows)
     )
 

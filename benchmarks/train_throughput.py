@@ -87,9 +87,10 @@ def compile_jax_step(step, state, batch):
 def jax_worker(name: str, args: argparse.Namespace) -> dict:
     _, _, state, step, batch = jax_setup(name, args.batch)
     run_step, compile_s, _, holder = compile_jax_step(step, state, batch)
-    times = ref.time_steps(run_step, args.warmup, args.steps)
+    cpu_times = []
+    times = ref.time_steps(run_step, args.warmup, args.steps, cpu_times)
     return ref.worker_result(
-        "jax", name, args.batch, times, compile_s=round(compile_s, 2), loss=holder["loss"], torch_mode="-"
+        "jax", name, args.batch, times, cpu_times, compile_s=round(compile_s, 2), loss=holder["loss"], torch_mode="-"
     )
 
 
@@ -245,8 +246,9 @@ def torch_train_step(name: str, args: argparse.Namespace):
 
 def torch_worker(name: str, args: argparse.Namespace) -> dict:
     _, _, run_step, mode = torch_train_step(name, args)
-    times = ref.time_steps(run_step, args.warmup, args.steps)
-    return ref.worker_result("torch", name, args.batch, times, loss=run_step.loss, torch_mode=mode)
+    cpu_times = []
+    times = ref.time_steps(run_step, args.warmup, args.steps, cpu_times)
+    return ref.worker_result("torch", name, args.batch, times, cpu_times, loss=run_step.loss, torch_mode=mode)
 
 
 def torch_parts_worker(name: str, args: argparse.Namespace) -> dict:

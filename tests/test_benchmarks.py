@@ -39,6 +39,7 @@ def test_script_prints_per_config_rates_and_ratio_as_its_last_line(module):
     tiny = out["results"]["tiny"]
     assert tiny["align_jax_img_s"] > 0 and tiny["torch_img_s"] > 0
     assert tiny["ratio"] == pytest.approx(tiny["align_jax_img_s"] / tiny["torch_img_s"], rel=1e-2)
+    assert tiny["align_jax_cpu_s_per_step"] > 0 and tiny["torch_cpu_s_per_step"] > 0
     assert out["env"]["GLIBC_TUNABLES"] == torch_reference.ALLOCATOR_ENV
     assert out["batch"] == 4 and out["rounds"] == 1
 
@@ -87,3 +88,22 @@ BWD = "jit(step)/transpose(jvp(DualEncoder.encode_{}))/{}_tower"
 )
 def test_trace_attributes_operations_to_tower_pass_and_layer(op_name, expected):
     assert classify_op(op_name) == expected
+
+
+def test_step_timing_reports_cpu_seconds_apart_from_wall_seconds():
+    import time
+
+    def busy():
+        end = time.perf_counter() + 0.2
+        while time.perf_counter() < end:
+            pass
+
+    cpu = []
+    wall = torch_reference.time_steps(busy, warmup=1, steps=2, cpu_times=cpu)
+    assert len(wall) == len(cpu) == 2 and all(w >= 0.2 for w in wall) and all(c >= 0.15 for c in cpu)
+    result = torch_reference.worker_result("jax", "tiny", 4, wall, cpu)
+    assert result["cpu_s_per_step"] == pytest.approx((cpu[0] + cpu[1]) / 2)
+    idle = []
+    wall = torch_reference.time_steps(lambda: time.sleep(0.2), warmup=0, steps=2, cpu_times=idle)
+    assert all(w >= 0.2 for w in wall) and all(c < 0.1 for c in idle)  # waiting is not work
+    assert torch_reference.worker_result("jax", "tiny", 4, wall)["cpu_s_per_step"] is None
