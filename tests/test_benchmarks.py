@@ -107,3 +107,48 @@ def test_step_timing_reports_cpu_seconds_apart_from_wall_seconds():
     wall = torch_reference.time_steps(lambda: time.sleep(0.2), warmup=0, steps=2, cpu_times=idle)
     assert all(w >= 0.2 for w in wall) and all(c < 0.1 for c in idle)  # waiting is not work
     assert torch_reference.worker_result("jax", "tiny", 4, wall)["cpu_s_per_step"] is None
+
+
+def test_depthwise_layer_shapes_are_the_ones_the_model_convolves():
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from align_jax.models import efficientnet
+    from benchmarks.depthwise_layers import layer_shapes
+
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, efficientnet.DepthwiseConv) and context.method_name == "__call__":
+            m, (x,) = context.module, args
+            seen.append(dict(size=x.shape[1], channels=x.shape[3], kernel=m.kernel_size, stride=m.stride))
+            assert x.shape[1] == x.shape[2]
+            seen[-1]["padding"] = m.padding
+        return next_fun(*args, **kwargs)
+
+    model = efficientnet.EfficientNet(**efficientnet.efficientnet_config("b0"))
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
+    expected = [{k: v for k, v in layer.items() if k != "block"} for layer in layer_shapes("b0", 224)]
+    assert seen == expected and len(seen) == 16
+
+
+def test_depthwise_script_compares_both_frameworks_per_layer():
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")
+    before = common.RESULTS.read_text()
+    command = [sys.executable, "-m", "benchmarks.depthwise_layers", "--layers", "1,15", "--batch", "2"]
+    proc = subprocess.run(
+        [*command, "--repeats", "1", "--no_results"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert common.RESULTS.read_text() == before
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [layer["block"] for layer in out["layers"]] == [1, 15]
+    for framework in ("align_jax", "torch"):
+        for layer in out["layers"]:
+            assert layer[framework]["fwd_bwd_cpu_ms"] > 0 and layer[framework]["fwd_wall_ms"] > 0
+        total = sum(layer[framework]["fwd_bwd_cpu_ms"] for layer in out["layers"])
+        assert out["total"][framework]["fwd_bwd_cpu_ms"] == pytest.approx(total)
+    bad = subprocess.run([*command[:3], "--layers", "16"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert bad.returncode != 0 and "b0 has blocks 0..15" in bad.stderr
