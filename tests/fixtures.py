@@ -9,6 +9,8 @@ import numpy as np
 
 from align_jax.models import presets
 
+TRAINED_DEMO_NUM_EVAL = 24  # held-out images of the trained demo workdir (tests/demo_workdir.py)
+
 _WORDS = (
     "a photo of the an cat dog bird on in with and is at red blue green small big "
     "run play photograph un cafe resume naive hello world straße 中 文 日 本 語 😀 σ ς ﬁ"

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align_jax import checkpointing, inference, train
+from align_jax import checkpointing, inference
 from align_jax.evaluators.zeroshot import CLIP_IMAGENET_TEMPLATES
-from align_jax.input import demo_data, image_ops
+from align_jax.input import image_ops
 from align_jax.input.text_ops import Tokenizer
 from align_jax.models import DualEncoder, build_model, init_variables, presets
 from align_jax.optim import make_optimizer
 from align_jax.sharding import make_mesh
 from align_jax.train_step import abstract_train_state
-from tests import fixtures, train_config
+from tests import fixtures
 
 
 def _make_workdir(path, vocab_path):
@@ -274,20 +274,10 @@ def test_bad_queries_and_ids_are_named(loaded, index):
 
 
 @pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-    """6 steps on 8 devices with parameters sharded over an fsdp axis of 2 (no evaluators)."""
-    data_dir = str(tmp_path_factory.mktemp("demo_data"))
-    demo_data.write(data_dir, num_train=96, num_eval=16, num_shards=2, image_size=64)
-    config = train_config.get_config(data_dir)
-    config.mesh = (("data", 4), ("fsdp", 2))
-    # At momentum 0.99, 6 steps leave BatchNorm's running statistics near their init, far from the
-    # activations' ones, and every image embeds to nearly the same vector (the check would be void);
-    # momentum 0 keeps the last batch's statistics.
-    config.model.image.bn_momentum = 0.0
-    config.evals = ml_collections.ConfigDict()
-    workdir = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(config, str(workdir))
-    return workdir
+def trained_workdir(trained_demo_workdir):
+    """6 steps on 8 devices with parameters sharded over an fsdp axis of 2 (no evaluators), BatchNorm
+    momentum 0: tests/demo_workdir.py, run in the background lane; the notebook's test uses it too."""
+    return trained_demo_workdir
 
 
 def test_checkpoint_trained_on_eight_devices_embeds_on_one_as_on_the_training_mesh(trained_workdir):

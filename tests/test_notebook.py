@@ -12,31 +12,23 @@ import os
 import sys
 
 import jax
-import ml_collections
 import nbclient
 import nbformat
 import pytest
 
-from align_jax import train
 from align_jax.input import demo_data
-from tests import train_config
+from tests import fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "examples", "inference.ipynb")
-NUM_EVAL = 24  # fewer than the notebook asks for: it takes what there is
+NUM_EVAL = fixtures.TRAINED_DEMO_NUM_EVAL  # fewer than the notebook asks for: it takes what there is
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """6 training steps of the tiny model on demo data written where `make demo` writes it."""
-    workdir = tmp_path_factory.mktemp("demo_workdir")
-    data_dir = workdir / train.DEMO_DATA_DIR
-    demo_data.write(str(data_dir), num_train=96, num_eval=NUM_EVAL, num_shards=4, image_size=64)
-    config = train_config.get_config(str(data_dir))
-    config.model.image.bn_momentum = 0.0  # at 0.99, 6 steps leave every image embedded alike
-    config.evals = ml_collections.ConfigDict()
-    train.train_and_evaluate(config, str(workdir))
-    return workdir
+def workdir(trained_demo_workdir):
+    """6 training steps of the tiny model on demo data written where `make demo` writes it (on 8
+    devices, parameters sharded over fsdp: tests/demo_workdir.py, test_inference.py's checkpoint)."""
+    return trained_demo_workdir
 
 
 def _kernel_spec_dir(tmp_path) -> str:

@@ -9,7 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,21 +27,36 @@ from align_jax.models import build_model, init_variables
 from align_jax.optim import make_optimizer
 from align_jax.sharding import make_mesh
 from align_jax.train_step import abstract_train_state
-from tests import train_config
+from tests import background, train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, "tests", "train_config.py")
 
 
+_DEMO_DIR: dict[str, str] = {}
+_DEMO_DIR_LOCK = threading.Lock()
+
+
+def _demo_dir(tmp_path_factory) -> str:
+    """The demo data of every run of this module, written once by whichever needs it first (the
+    background jobs or the in-process tests)."""
+    with _DEMO_DIR_LOCK:
+        if "path" not in _DEMO_DIR:
+            path = str(tmp_path_factory.mktemp("demo"))
+            demo_data.write(path, num_train=192, num_eval=24, num_shards=4, image_size=64)
+            # A fifth shard of undecodable images: training skips and counts them.
+            texts = dict(txt="a red circle photo", vecap="a small red circle on the left, on a white background")
+            bad = [
+                encode_example(data, texts) for data in (b"", b"\xff\xd8\xff\xe0 truncated", b"not an image", b"GIF89a")
+            ]
+            write_tfrecords(bad, path, 1, "train-bad")
+            _DEMO_DIR["path"] = path
+        return _DEMO_DIR["path"]
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("demo"))
-    demo_data.write(path, num_train=192, num_eval=24, num_shards=4, image_size=64)
-    # A fifth shard of undecodable images: training skips and counts them.
-    texts = dict(txt="a red circle photo", vecap="a small red circle on the left, on a white background")
-    bad = [encode_example(data, texts) for data in (b"", b"\xff\xd8\xff\xe0 truncated", b"not an image", b"GIF89a")]
-    write_tfrecords(bad, path, 1, "train-bad")
-    return path
+    return _demo_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +94,11 @@ def _command(demo_dir, workdir, *overrides):
 
 
 def _env(device_count=8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = REPO
-    env.setdefault("ALIGN_JAX_COMPILE_CACHE", jax.config.jax_compilation_cache_dir or "")
-    return env
+    return background.env(device_count)
 
 
 def _run(command, env=None, timeout=600):
-    proc = subprocess.run(command, env=env or _env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    proc = background.run(command, env=env or _env(), timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -128,9 +140,13 @@ def test_jsonl_and_tensorboard_hold_the_training_scalars(reference):
     assert expected | {"retrieval/i2t_r1"} <= tags
 
 
-def test_sigkill_then_resume_gives_bitwise_equal_parameters(demo_dir, reference, tmp_path):
-    workdir = tmp_path / "killed"
-    proc = subprocess.Popen(
+# --- the subprocess runs, in the background lane (tests/background.py) from the session's start ---
+
+
+def _sigkilled_and_resumed(tmp_path_factory) -> Path:
+    demo_dir = _demo_dir(tmp_path_factory)
+    workdir = tmp_path_factory.mktemp("sigkill") / "killed"
+    proc = background.popen(
         _command(demo_dir, workdir), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
@@ -149,15 +165,13 @@ def test_sigkill_then_resume_gives_bitwise_equal_parameters(demo_dir, reference,
         assert 6 not in manager.all_steps(), "the run finished before the kill; the test proved nothing"
 
     _run(_command(demo_dir, workdir))
-    _assert_bitwise_equal(_model_variables(workdir), _model_variables(reference["workdir"]))
-    # The metrics file was cut back to the resumed step, so it holds each step once.
-    steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    return workdir
 
 
-def test_sigterm_saves_exits_zero_and_the_relaunch_continues(demo_dir, reference, tmp_path):
-    workdir = tmp_path / "terminated"
-    proc = subprocess.Popen(
+def _sigtermed_and_relaunched(tmp_path_factory) -> dict:
+    demo_dir = _demo_dir(tmp_path_factory)
+    workdir = tmp_path_factory.mktemp("sigterm") / "terminated"
+    proc = background.popen(
         _command(demo_dir, workdir, "--config.checkpoint_every=100"),
         env=_env(),
         cwd=REPO,
@@ -180,45 +194,25 @@ def test_sigterm_saves_exits_zero_and_the_relaunch_continues(demo_dir, reference
     assert "SIGTERM received" in stderr
 
     proc = _run(_command(demo_dir, workdir, "--config.checkpoint_every=100"))
-    assert f"resumed from the checkpoint of step {saved}" in proc.stderr
-    _assert_bitwise_equal(_model_variables(workdir), _model_variables(reference["workdir"]))
+    return dict(workdir=workdir, saved=saved, relaunch_stderr=proc.stderr)
 
 
-def test_one_device_run_matches_eight_devices(demo_dir, reference, tmp_path):
-    workdir = tmp_path / "one_device"
-    _run(_command(demo_dir, workdir), env=_env(device_count=1))
-    assert checkpointing.load_config(workdir).mesh == checkpointing.load_config(reference["workdir"]).mesh
-    _assert_equal_up_to_summation_order(_model_variables(workdir), _model_variables(reference["workdir"]))
+def _one_device_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("one_device") / "one_device"
+    _run(_command(_demo_dir(tmp_path_factory), workdir), env=_env(device_count=1))
+    return workdir
 
 
-def _assert_equal_up_to_summation_order(a, b):
-    """For runs whose cross-device sums run in another order (1 vs 8 devices, 2 processes vs 1).
-    Leaves whose gradient is zero in exact arithmetic (attention key biases; biases of a BatchNorm
-    whose output reaches another BatchNorm through a linear map; the running means downstream of
-    those) hold float32 noise that Adam scales up to ~1e-5, so they agree only to an absolute 5e-5;
-    all others to 1e-4."""
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(
-            np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
-        )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(demo_dir, reference, tmp_path):
+def _two_process_run_resumed_in_one(tmp_path_factory) -> dict:
     """jax.distributed on localhost: 2 processes x 4 CPU devices (gloo collectives) train the same
     mesh as the 1-process 8-device reference, each process reading its own reader (one of the
     config's two) of the data; then one process resumes their step-3 checkpoint."""
-    workdir = tmp_path / "two_processes"
+    demo_dir = _demo_dir(tmp_path_factory)
+    root = tmp_path_factory.mktemp("two_processes")
+    workdir = root / "two_processes"
     port = _free_port()
     procs = [
-        subprocess.Popen(
+        background.popen(
             _command(
                 demo_dir,
                 workdir,
@@ -243,7 +237,89 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(demo_dir, r
             proc.kill()
     for proc, (_, stderr) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, stderr[-4000:]
-    (out0, err0), (out1, err1) = outputs
+
+    # The 2-process checkpoint of step 3 (model, optimizer, both readers' positions) restores in
+    # one process, which then finishes the run.
+    resumed = root / "resumed_in_one"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    proc = _run(_command(demo_dir, resumed))
+    return dict(workdir=workdir, outputs=outputs, resumed=resumed, resumed_stderr=proc.stderr)
+
+
+BACKGROUND_JOBS = {
+    "one_device_run": _one_device_run,
+    "two_process_run": _two_process_run_resumed_in_one,
+    "sigkill_run": _sigkilled_and_resumed,
+    "sigterm_run": _sigtermed_and_relaunched,
+}
+
+
+@pytest.fixture(scope="module")
+def one_device_run(background_jobs) -> Path:
+    return background_jobs.result("one_device_run")
+
+
+@pytest.fixture(scope="module")
+def two_process_run(background_jobs) -> dict:
+    return background_jobs.result("two_process_run")
+
+
+@pytest.fixture(scope="module")
+def sigkill_run(background_jobs) -> Path:
+    return background_jobs.result("sigkill_run")
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(background_jobs) -> dict:
+    return background_jobs.result("sigterm_run")
+
+
+def test_sigkill_then_resume_gives_bitwise_equal_parameters(sigkill_run, reference):
+    workdir = sigkill_run
+    _assert_bitwise_equal(_model_variables(workdir), _model_variables(reference["workdir"]))
+    # The metrics file was cut back to the resumed step, so it holds each step once.
+    steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_saves_exits_zero_and_the_relaunch_continues(sigterm_run, reference):
+    run = sigterm_run
+    assert f"resumed from the checkpoint of step {run['saved']}" in run["relaunch_stderr"]
+    _assert_bitwise_equal(_model_variables(run["workdir"]), _model_variables(reference["workdir"]))
+
+
+def test_one_device_run_matches_eight_devices(one_device_run, reference):
+    workdir = one_device_run
+    assert checkpointing.load_config(workdir).mesh == checkpointing.load_config(reference["workdir"]).mesh
+    _assert_equal_up_to_summation_order(_model_variables(workdir), _model_variables(reference["workdir"]))
+
+
+def _assert_equal_up_to_summation_order(a, b):
+    """For runs whose cross-device sums run in another order (1 vs 8 devices, 2 processes vs 1).
+    Leaves whose gradient is zero in exact arithmetic (attention key biases; biases of a BatchNorm
+    whose output reaches another BatchNorm through a linear map; the running means downstream of
+    those) hold float32 noise that Adam scales up to ~1e-5, so they agree only to an absolute 5e-5;
+    all others to 1e-4."""
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(two_process_run, reference):
+    """(see _two_process_run_resumed_in_one)"""
+    run = two_process_run
+    workdir, resumed = run["workdir"], run["resumed"]
+    (out0, err0), (out1, err1) = run["outputs"]
     # One log and one result line for the run: process 0's.
     assert "step 6/6" in err0 and "step 6/6" not in err1
     result = json.loads(out0.strip().splitlines()[-1])
@@ -258,13 +334,9 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(demo_dir, r
     expected = [r["loss"] for r in read_metrics(reference["workdir"]) if "loss" in r]
     np.testing.assert_allclose(losses, expected, rtol=1e-5)  # the losses agree closer than the parameters
 
-    # The 2-process checkpoint of step 3 (model, optimizer, both readers' positions) restores in
-    # one process, which then finishes the run as the reference did.
-    resumed = tmp_path / "resumed_in_one"
-    shutil.copytree(workdir, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "6")
-    proc = _run(_command(demo_dir, resumed))
-    assert "resumed from the checkpoint of step 3" in proc.stderr
+    # The 2-process checkpoint of step 3 (model, optimizer, both readers' positions) restored in
+    # one process, which then finished the run as the reference did.
+    assert "resumed from the checkpoint of step 3" in run["resumed_stderr"]
     _assert_equal_up_to_summation_order(_model_variables(resumed), one)
 
 

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
 import pytest
 
 from align_jax.input import demo_data
+from tests import background
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDE_MARGIN = 0.2
 
 
-@pytest.fixture(scope="module")
-def figures(tmp_path_factory) -> dict:
+def _recipes_run(tmp_path_factory) -> dict:
     env = dict(
         os.environ,
         XLA_FLAGS="",
@@ -33,16 +32,23 @@ def figures(tmp_path_factory) -> dict:
         PYTHONPATH=REPO,
         ALIGN_JAX_COMPILE_CACHE=jax.config.jax_compilation_cache_dir or "",
     )
-    proc = subprocess.run(
+    proc = background.run(
         [sys.executable, "-m", "tests.transfer_recipes", str(tmp_path_factory.mktemp("recipes"))],
         env=env,
         cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# The subprocess starts with the session, in the background lane (tests/background.py).
+BACKGROUND_JOBS = {"figures": _recipes_run}
+
+
+@pytest.fixture(scope="module")
+def figures(background_jobs) -> dict:
+    return background_jobs.result("figures")
 
 
 def test_probe_of_the_pretrained_tower_beats_a_random_tower_widely(figures):
