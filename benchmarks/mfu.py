@@ -206,10 +206,10 @@ def main(argv=None) -> dict:
             spec = f"{r['mfu_vs_spec_peak']:.3f}" if r["mfu_vs_spec_peak"] else "-"
             rows.append(
                 f"| {r['config']} | {r['batch']} | {r['dtype']} | {r['img_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
-                f"{(r['flops_per_step'] or 0) / 1e12:.3f} | {r['tflops_s'] or 0:.1f} | "
+                f"{(r['flops_per_step'] or 0) / 1e12:.3f} | {r['tflops_s'] or 0:.3f} | "
                 f"{r['mfu_vs_measured_peak'] or 0:.3f} | {spec} | {r['compile_s']} | {r['compiled_peak_gib']} |"
             )
-        peak_line = f"Measured {dtype} matmul peak: {measured_peak / 1e12:.1f} TFLOP/s"
+        peak_line = f"Measured {dtype} matmul peak: {measured_peak / 1e12:.3f} TFLOP/s"
         if spec_peak:
             peak_line += f"; datasheet dense bf16 peak {spec_peak / 1e12:.0f} TFLOP/s"
         common.write_section(
