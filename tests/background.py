@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_TIMEOUT_S = 3600  # a job waited for, on a loaded 2-core machine
@@ -119,3 +120,13 @@ def run(command, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
             proc.kill()
             proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def result_fixture(name: str, scope: str = "module"):
+    """A fixture named `name` returning the result of the background job of that name."""
+
+    @pytest.fixture(scope=scope, name=name)
+    def fixture(background_jobs):
+        return background_jobs.result(name)
+
+    return fixture

@@ -255,24 +255,10 @@ BACKGROUND_JOBS = {
 }
 
 
-@pytest.fixture(scope="module")
-def one_device_run(background_jobs) -> Path:
-    return background_jobs.result("one_device_run")
-
-
-@pytest.fixture(scope="module")
-def two_process_run(background_jobs) -> dict:
-    return background_jobs.result("two_process_run")
-
-
-@pytest.fixture(scope="module")
-def sigkill_run(background_jobs) -> Path:
-    return background_jobs.result("sigkill_run")
-
-
-@pytest.fixture(scope="module")
-def sigterm_run(background_jobs) -> dict:
-    return background_jobs.result("sigterm_run")
+one_device_run = background.result_fixture("one_device_run")
+two_process_run = background.result_fixture("two_process_run")
+sigkill_run = background.result_fixture("sigkill_run")
+sigterm_run = background.result_fixture("sigterm_run")
 
 
 def test_sigkill_then_resume_gives_bitwise_equal_parameters(sigkill_run, reference):
