@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from align_jax import kernels
+from align_jax.kernels.depthwise import native_depthwise
 from align_jax.models.layers import FlatDense, remat_block
 from align_jax.models.norms import BatchNorm
 
@@ -166,7 +168,7 @@ def depthwise_padding(kernel_size: int, stride: int, adjust: bool) -> tuple[tupl
     return (pad, pad)
 
 
-DEPTHWISE_IMPLS = ("auto", "conv", "shifted_sum")
+DEPTHWISE_IMPLS = ("auto", "conv", "shifted_sum", "native")
 
 
 def _shifted_windows(xp: jax.Array, k_h: int, k_w: int, stride: int, out_h: int, out_w: int):
@@ -259,6 +261,18 @@ def _shifted_sum_bwd(stride, padding, residuals, g):
 shifted_sum_depthwise.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
 
 
+def resolve_depthwise_impl(impl: str, dtype: Any) -> str:
+    """What `DepthwiseConv(impl=...)` runs: 'auto' picks by backend, dtype and whether the native
+    kernels can be built here (`align_jax.kernels.available`, which logs why not)."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "cpu":
+        return "conv"
+    if jnp.dtype(dtype) == jnp.float32 and kernels.available():
+        return "native"
+    return "shifted_sum"
+
+
 class DepthwiseConv(nn.Module):
     """A depthwise convolution with `nn.Conv`'s parameter layout (`kernel [k, k, 1, C]`), so
     checkpoints and the HF importer are the same whichever implementation runs."""
@@ -266,7 +280,10 @@ class DepthwiseConv(nn.Module):
     kernel_size: int
     stride: int
     padding: tuple[tuple[int, int], ...]
-    impl: str = "auto"  # 'conv' (XLA grouped convolution), 'shifted_sum', or 'auto' (shifted on CPU)
+    # 'conv' (XLA's grouped convolution), 'shifted_sum' (pure JAX, for XLA:CPU), 'native' (C++ CPU
+    # kernels, align_jax.kernels) or 'auto': on CPU native in float32 when it builds, else
+    # shifted_sum; conv on accelerators.
+    impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -276,9 +293,12 @@ class DepthwiseConv(nn.Module):
         channels = x.shape[-1]
         kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, 1, channels), jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        impl = self.impl
-        if impl == "auto":
-            impl = "shifted_sum" if jax.default_backend() == "cpu" else "conv"
+        impl = resolve_depthwise_impl(self.impl, x.dtype)
+        if impl == "native":
+            if x.dtype != jnp.float32:
+                raise ValueError(f"depthwise_impl='native' computes in float32, got {x.dtype}")
+            kernels.load()  # raises NativeKernelError naming why it cannot be built
+            return native_depthwise(x, kernel[:, :, 0], self.stride, self.padding)
         if impl == "shifted_sum":
             return shifted_sum_depthwise(x, kernel, self.stride, self.padding)
         return jax.lax.conv_general_dilated(

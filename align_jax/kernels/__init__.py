@@ -1,0 +1,134 @@
+"""Native CPU kernels (C++ through XLA's FFI), compiled on first use and cached.
+
+XLA:CPU has no fast depthwise convolution: its grouped-convolution lowering is 10x slower than
+PyTorch's oneDNN kernel, and the pure-JAX fallback (`shifted_sum_depthwise`) spends most of an
+EfficientNet training step in the kernel gradient (benchmarks/RESULTS.md). `depthwise.cc` holds
+the three loops (forward, input gradient, kernel gradient). It is compiled with the system C++
+compiler against the FFI headers jaxlib ships, for this CPU (`-march=native`), into
+`$ALIGN_JAX_KERNEL_CACHE` (default `~/.cache/align_jax/kernels`), keyed by the source, jaxlib's
+version, the compiler and the CPU, so a changed machine or jaxlib rebuilds instead of loading a
+stale library. No compiler means no native kernels: `load()` raises `NativeKernelError` naming
+the cause and callers with a fallback (`DepthwiseConv(impl="auto")`) use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger("align_jax.kernels")
+
+SOURCE = Path(__file__).with_name("depthwise.cc")
+TARGETS = {
+    "align_jax_depthwise_forward": "AlignJaxDepthwiseForward",
+    "align_jax_depthwise_input_gradient": "AlignJaxDepthwiseInputGradient",
+    "align_jax_depthwise_kernel_gradient": "AlignJaxDepthwiseKernelGradient",
+}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class NativeKernelError(RuntimeError):
+    """The native kernels cannot be built or loaded here (no compiler, a compile error, ...)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGN_JAX_KERNEL_CACHE", "~/.cache/align_jax/kernels")).expanduser()
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise NativeKernelError("no C++ compiler found (set CXX, or install g++) to build align_jax's CPU kernels")
+    return cxx
+
+
+def _cpu_fingerprint() -> str:
+    """What `-march=native` compiles for: the CPU model and its feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source, jaxlib, compiler and CPU lives."""
+    import jaxlib
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), _compiler().encode(), _cpu_fingerprint().encode()):
+        key.update(part)
+        key.update(b"\0")
+    key.update(" ".join(FLAGS).encode())
+    return cache_dir() / f"depthwise-{key.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compile `depthwise.cc` unless the cached library exists; returns its path."""
+    import jax
+
+    path = library_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent builders (test workers) never load half a file.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        command = [_compiler(), *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise NativeKernelError(f"compiling {SOURCE.name} failed to run ({' '.join(command)}): {e}") from e
+        if proc.returncode != 0:
+            raise NativeKernelError(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{proc.stderr[-4000:]}")
+        os.replace(out, path)
+    log.info("built align_jax CPU kernels: %s", path)
+    return path
+
+
+def load() -> None:
+    """Build (once per machine) and register the kernels with XLA's CPU backend; idempotent.
+    Raises `NativeKernelError` (the same one on every call) when they cannot be had."""
+    with _lock:
+        if "error" in _state:
+            raise _state["error"]
+        if _state.get("loaded"):
+            return
+        try:
+            import jax
+
+            library = ctypes.CDLL(str(build()))
+            for target, symbol in TARGETS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        except NativeKernelError as e:
+            _state["error"] = e
+            raise
+        except (OSError, AttributeError) as e:
+            _state["error"] = NativeKernelError(f"loading align_jax's CPU kernels failed: {e}")
+            raise _state["error"] from e
+        _state["library"] = library
+        _state["loaded"] = True
+
+
+def available() -> bool:
+    """Whether the native kernels are (or can be) loaded; logs why not, once."""
+    try:
+        load()
+        return True
+    except NativeKernelError as e:
+        if not _state.get("warned"):
+            _state["warned"] = True
+            log.warning("native CPU kernels unavailable, using the pure-JAX fallback: %s", e)
+        return False

@@ -1,0 +1,156 @@
+"""The native CPU depthwise kernels (align_jax/kernels): equal to XLA's grouped convolution with
+both gradients, on one device and sharded over emulated devices; built once and cached; a
+machine that cannot build them falls back and says why."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from align_jax import kernels
+from align_jax.kernels.depthwise import native_depthwise
+from align_jax.models import efficientnet as enet
+from align_jax.sharding import make_mesh
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _grouped_conv(x, kernel, stride, padding):
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel[:, :, None, :],
+        (stride, stride),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def _value_and_grads(fn, x, kernel, cotangent, stride, padding):
+    def loss(x, kernel):
+        return jnp.vdot(fn(x, kernel, stride, padding), cotangent)
+
+    return fn(x, kernel, stride, padding), jax.grad(loss, argnums=(0, 1))(x, kernel)
+
+
+@pytest.mark.parametrize(
+    "size,channels,kernel_size,stride,padding",
+    [
+        (9, 5, 3, 1, ((1, 1), (1, 1))),
+        (10, 16, 3, 2, ((0, 1), (0, 1))),  # HF's adjusted stride-2 padding
+        (11, 70, 5, 2, ((1, 2), (1, 2))),  # odd size (last padded row unread); a 64-channel block + 6
+        (12, 130, 5, 2, ((2, 2), (2, 2))),
+        (7, 3, 5, 1, ((2, 2), (2, 2))),
+        (8, 8, 3, 2, ((0, 0), (1, 0))),  # asymmetric and unpadded axes
+        (6, 4, 3, 1, ((0, 0), (0, 0))),  # no padding at all
+    ],
+)
+def test_native_depthwise_equals_grouped_convolution_with_gradients(size, channels, kernel_size, stride, padding):
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (3, size, size + 1, channels))
+    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, channels))
+    cotangent = jax.random.normal(keys[2], _grouped_conv(x, kernel, stride, padding).shape)
+    want, want_grads = _value_and_grads(_grouped_conv, x, kernel, cotangent, stride, padding)
+    run = jax.jit(lambda x, k: _value_and_grads(native_depthwise, x, k, cotangent, stride, padding))
+    got, got_grads = run(x, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [P(("data", "fsdp")), P("data", None, None, "fsdp")])
+def test_native_depthwise_sharded_equals_one_device(spec):
+    """Batch (and channel) sharded over 8 emulated devices: each shard runs the kernel on its own
+    examples; values and gradients equal the one-device call."""
+    mesh = make_mesh([("data", 4), ("fsdp", 2)])
+    keys = jax.random.split(jax.random.key(1), 3)
+    stride, padding = 2, ((0, 1), (0, 1))
+    x = jax.random.normal(keys[0], (8, 10, 10, 6))
+    kernel = jax.random.normal(keys[1], (3, 3, 6))
+    cotangent = jax.random.normal(keys[2], (8, 5, 5, 6))
+    want, want_grads = jax.jit(lambda x, k: _value_and_grads(native_depthwise, x, k, cotangent, stride, padding))(
+        x, kernel
+    )
+    sharding = NamedSharding(mesh, spec)
+    step = jax.jit(
+        lambda x, k, c: _value_and_grads(native_depthwise, x, k, c, stride, padding),
+        in_shardings=(sharding, NamedSharding(mesh, P()), sharding),
+    )
+    lowered = step.lower(x, kernel, cotangent)
+    hlo = lowered.compile().as_text()
+    # The forward runs on each device's rows only: a per-device [1 or 2, 10, 10, 3 or 6] operand.
+    local = x.shape[0] // 8 if spec == P(("data", "fsdp")) else x.shape[0] // 4
+    channels = 6 if spec == P(("data", "fsdp")) else 3
+    assert f"f32[{local},10,10,{channels}]" in hlo and "align_jax_depthwise_forward" in hlo
+    got, got_grads = step(x, kernel, cotangent)
+    assert got.sharding.is_equivalent_to(sharding, got.ndim)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_conv_auto_is_native_on_cpu_and_equals_every_impl():
+    assert enet.resolve_depthwise_impl("auto", jnp.float32) == "native"
+    assert enet.resolve_depthwise_impl("auto", jnp.bfloat16) == "shifted_sum"  # the kernels are float32
+    x = jax.random.normal(jax.random.key(2), (2, 9, 9, 12))
+    layer = enet.DepthwiseConv(5, 2, ((1, 2), (1, 2)), impl="native")
+    variables = layer.init(jax.random.key(3), x)
+    assert variables["params"]["kernel"].shape == (5, 5, 1, 12)  # nn.Conv's layout whatever runs
+    want = enet.DepthwiseConv(5, 2, ((1, 2), (1, 2)), impl="conv").apply(variables, x)
+    for impl in ("native", "shifted_sum", "auto"):
+        got = enet.DepthwiseConv(5, 2, ((1, 2), (1, 2)), impl=impl).apply(variables, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    with pytest.raises(ValueError, match="float32"):
+        enet.DepthwiseConv(5, 2, ((1, 2), (1, 2)), impl="native", dtype=jnp.bfloat16).apply(variables, x)
+
+
+def test_kernel_shape_mismatch_is_an_error_naming_it():
+    from align_jax.kernels import depthwise
+
+    x = jnp.ones((1, 5, 5, 4))
+    with pytest.raises(Exception, match="inconsistent shapes"):
+        # A kernel for 3 channels applied to 4: the handler checks what XLA hands it.
+        jax.block_until_ready(depthwise._forward_local(x, jnp.ones((3, 3, 3)), 1, ((1, 1), (1, 1))))
+
+
+def test_library_is_cached_by_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_JAX_KERNEL_CACHE", str(tmp_path))
+    path = kernels.build()
+    assert path.parent == tmp_path and path.exists()
+    built = path.stat().st_mtime_ns
+    assert kernels.build() == path and path.stat().st_mtime_ns == built  # not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+
+
+def test_no_compiler_falls_back_and_names_the_cause(tmp_path):
+    """A machine without a C++ compiler: 'auto' runs the pure-JAX fallback (logging why once),
+    'native' is an error naming what failed."""
+    script = """
+import logging, jax, jax.numpy as jnp
+logging.basicConfig(level=logging.WARNING)
+from align_jax import kernels
+from align_jax.models import efficientnet as enet
+assert not kernels.available()
+assert enet.resolve_depthwise_impl("auto", jnp.float32) == "shifted_sum"
+x = jnp.ones((1, 6, 6, 4))
+layer = enet.DepthwiseConv(3, 1, ((1, 1), (1, 1)))
+variables = layer.init(jax.random.key(0), x)
+layer.apply(variables, x)
+try:
+    enet.DepthwiseConv(3, 1, ((1, 1), (1, 1)), impl="native").apply(variables, x)
+except kernels.NativeKernelError as e:
+    print("ERROR:", e)
+"""
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), ALIGN_JAX_KERNEL_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ERROR: compiling depthwise.cc failed to run" in proc.stdout and "no-such-c++" in proc.stdout
+    assert proc.stderr.count("native CPU kernels unavailable") == 1
