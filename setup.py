@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["align_jax", "align_jax.*"]),
     # The native CPU kernels' source, compiled on first use (align_jax/kernels/__init__.py).
-    package_data={"align_jax.kernels": ["*.cc"]},
+    package_data={"align_jax.kernels": ["*.cc", "*.h"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",

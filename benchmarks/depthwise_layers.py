@@ -3,7 +3,8 @@
     python -m benchmarks.depthwise_layers [--variant b0] [--image_size 224] [--batch 32] [--layers 0,2]
 
 Per MBConv block, the depthwise layer alone (no batch norm), on the block's real input shape:
-align_jax's `shifted_sum_depthwise` (what `DepthwiseConv` runs on CPU) and HF's
+align_jax's native CPU kernel (`align_jax.kernels.depthwise.native_depthwise`, what
+`DepthwiseConv(impl="auto")` runs on CPU), its pure-JAX fallback `shifted_sum_depthwise`, and HF's
 `AlignVisionDepthwiseConv2d` (PyTorch's depthwise convolution, channels_last, with HF's `ZeroPad2d`
 before the stride-2 layers), each forward alone and forward + backward (input and kernel gradients).
 Times are medians over `--repeats` calls of CPU milliseconds (user + system, all threads: the work)
@@ -53,9 +54,11 @@ def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return statistics.median(cpu) * 1e3, min(wall) * 1e3
 
 
-def jax_layer(layer: dict, batch: int, repeats: int) -> dict:
+def jax_layer(layer: dict, batch: int, repeats: int, impl: str) -> dict:
+    """`impl`: 'native' (the C++ kernel) or 'shifted_sum' (the pure-JAX fallback)."""
     import jax
 
+    from align_jax.kernels.depthwise import native_depthwise
     from align_jax.models.efficientnet import shifted_sum_depthwise
 
     k, s, pad = layer["kernel"], layer["stride"], layer["padding"]
@@ -64,6 +67,8 @@ def jax_layer(layer: dict, batch: int, repeats: int) -> dict:
     kernel = jax.random.normal(keys[1], (k, k, 1, layer["channels"]))
 
     def conv(x, kernel):
+        if impl == "native":
+            return native_depthwise(x, kernel[:, :, 0], s, pad)
         return shifted_sum_depthwise(x, kernel, s, pad)
 
     forward = jax.jit(conv).lower(x, kernel).compile()
@@ -111,25 +116,26 @@ def cell(times: dict, part: str) -> str:
 
 def markdown(out: dict, command: str) -> str:
     rows = [
-        "| block | input | kernel / stride | align_jax fwd | PyTorch fwd | align_jax fwd+bwd | PyTorch fwd+bwd "
-        "| fwd+bwd ratio (CPU) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| block | input | kernel / stride | native fwd | PyTorch fwd | native fwd+bwd | shifted-sum fwd+bwd "
+        "| PyTorch fwd+bwd | fwd+bwd ratio (CPU, PyTorch / native) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in out["layers"] + [dict(out["total"], block="total", size="", channels="", kernel="", stride="")]:
         shape = f"{r['size']}x{r['size']}x{r['channels']}" if r["size"] else ""
         kernel = f"{r['kernel']}x{r['kernel']} / {r['stride']}" if r["kernel"] else ""
-        j, t = r["align_jax"], r["torch"]
+        j, f, t = r["align_jax"], r["shifted_sum"], r["torch"]
         rows.append(
             f"| {r['block']} | {shape} | {kernel} | {cell(j, 'fwd')} | {cell(t, 'fwd')} | "
-            f"{cell(j, 'fwd_bwd')} | {cell(t, 'fwd_bwd')} | "
+            f"{cell(j, 'fwd_bwd')} | {cell(f, 'fwd_bwd')} | {cell(t, 'fwd_bwd')} | "
             f"{t['fwd_bwd_cpu_ms'] / j['fwd_bwd_cpu_ms']:.2f} |"
         )
     return (
         f"`{command}` on {out['machine']}, batch {out['batch']}, float32, {out['threads']} threads. Each cell: "
         "median CPU ms (all threads) and, in brackets, the best wall ms of "
-        f"{out['repeats']} calls. align_jax: `shifted_sum_depthwise` (the CPU lowering of `DepthwiseConv`); "
-        "PyTorch: HF's `AlignVisionDepthwiseConv2d`, channels_last, `ZeroPad2d` before stride 2. The ratio is "
-        "PyTorch's CPU ms over align_jax's (above 1: align_jax does less work).\n\n" + "\n".join(rows)
+        f"{out['repeats']} calls. native: align_jax's C++ kernel (`align_jax/kernels/depthwise.cc`, what "
+        "`DepthwiseConv` runs on CPU); shifted-sum: its pure-JAX fallback (`shifted_sum_depthwise`); PyTorch: HF's "
+        "`AlignVisionDepthwiseConv2d`, channels_last, `ZeroPad2d` before stride 2. The ratio is PyTorch's CPU ms "
+        "over the native kernel's (above 1: align_jax does less work).\n\n" + "\n".join(rows)
     )
 
 
@@ -154,9 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             raise SystemExit(f"--layers {unknown}: {args.variant} has blocks 0..{len(layers) - 1}")
         layers = [layers[i] for i in wanted]
+    from align_jax import kernels
+
+    kernels.load()  # the native kernel is what is measured: fail here, naming why, if it cannot build
     for layer in layers:
-        layer["align_jax"] = jax_layer(layer, args.batch, args.repeats)
-        print(f"block {layer['block']}: align_jax {layer['align_jax']}", file=sys.stderr, flush=True)
+        layer["align_jax"] = jax_layer(layer, args.batch, args.repeats, "native")
+        layer["shifted_sum"] = jax_layer(layer, args.batch, args.repeats, "shifted_sum")
+        print(f"block {layer['block']}: native {layer['align_jax']}", file=sys.stderr, flush=True)
 
     import torch
 
@@ -167,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"block {layer['block']}: torch {layer['torch']}", file=sys.stderr, flush=True)
 
     keys = ("fwd_cpu_ms", "fwd_wall_ms", "fwd_bwd_cpu_ms", "fwd_bwd_wall_ms")
-    total = {f: {k: sum(layer[f][k] for layer in layers) for k in keys} for f in ("align_jax", "torch")}
+    total = {f: {k: sum(layer[f][k] for layer in layers) for k in keys} for f in ("align_jax", "shifted_sum", "torch")}
     out = dict(
         benchmark="depthwise_layers",
         machine=common.machine(),

@@ -145,7 +145,7 @@ def test_depthwise_script_compares_both_frameworks_per_layer():
     assert common.RESULTS.read_text() == before
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [layer["block"] for layer in out["layers"]] == [1, 15]
-    for framework in ("align_jax", "torch"):
+    for framework in ("align_jax", "shifted_sum", "torch"):  # align_jax: the native kernel
         for layer in out["layers"]:
             assert layer[framework]["fwd_bwd_cpu_ms"] > 0 and layer[framework]["fwd_wall_ms"] > 0
         total = sum(layer[framework]["fwd_bwd_cpu_ms"] for layer in out["layers"])

@@ -152,5 +152,100 @@ except kernels.NativeKernelError as e:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ERROR: compiling depthwise.cc failed to run" in proc.stdout and "no-such-c++" in proc.stdout
+    assert "ERROR: compiling align_jax's CPU kernels failed to run" in proc.stdout and "no-such-c++" in proc.stdout
     assert proc.stderr.count("native CPU kernels unavailable") == 1
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+
+def _bn_value_and_grads(fn, x, scale, bias, cotangents, group_size, activation):
+    out, vjp = jax.vjp(lambda x, s, b: fn(x, s, b, group_size, 1e-3, activation), x, scale, bias)
+    return out, vjp(cotangents)
+
+
+def _bn_inputs(shape, group_size, key=0, mean=0.0):
+    keys = jax.random.split(jax.random.key(key), 6)
+    x = mean + 2.0 * jax.random.normal(keys[0], shape)
+    scale, bias = (jax.random.normal(k, shape[-1:]) for k in keys[1:3])
+    groups = shape[0] // group_size
+    cotangents = (  # the statistics' cotangents too (they feed the running averages; usually 0)
+        jax.random.normal(keys[3], shape),
+        jax.random.normal(keys[4], (groups, shape[-1])),
+        jax.random.normal(keys[5], (groups, shape[-1])),
+    )
+    return x, scale, bias, cotangents
+
+
+@pytest.mark.parametrize(
+    "shape,group_size,activation,mean",
+    [
+        ((4, 5, 6, 7), 4, jax.nn.silu, 0.0),
+        ((6, 3, 3, 70), 2, None, 0.0),  # ghost-batch groups of 2, no activation
+        ((8, 9, 130), 8, jax.nn.silu, 0.0),  # rank 3, channels past a vector multiple
+        ((2, 300, 16), 1, jax.nn.silu, 1000.0),  # far-from-zero mean: the one-pass variance must not cancel
+    ],
+)
+def test_native_batch_norm_equals_the_xla_batch_norm_with_gradients(shape, group_size, activation, mean):
+    from align_jax.kernels.batchnorm import native_batch_norm_train
+    from align_jax.models.norms import batch_norm_train
+
+    x, scale, bias, cotangents = _bn_inputs(shape, group_size, mean=mean)
+    want, want_grads = _bn_value_and_grads(batch_norm_train, x, scale, bias, cotangents, group_size, activation)
+    got, got_grads = jax.jit(
+        lambda x, s, b: _bn_value_and_grads(native_batch_norm_train, x, s, b, cotangents, group_size, activation)
+    )(x, scale, bias)
+    for g, w, name in zip(got, want, ("y", "mean", "var"), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * max(1.0, abs(mean)), err_msg=name)
+    for g, w, name in zip(got_grads, want_grads, ("dx", "dscale", "dbias"), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("group_size", [8, 2])
+def test_native_batch_norm_sharded_has_global_statistics(group_size):
+    """Batch sharded over 8 emulated devices: the statistics span the whole batch (or each group of
+    examples) as on one device, and so do the gradients."""
+    from align_jax.kernels.batchnorm import native_batch_norm_train
+
+    mesh = make_mesh([("data", 4), ("fsdp", 2)])
+    x, scale, bias, cotangents = _bn_inputs((8, 4, 4, 6), group_size, key=3)
+
+    def run(x, s, b, c):
+        return _bn_value_and_grads(native_batch_norm_train, x, s, b, c, group_size, jax.nn.silu)
+
+    want, want_grads = jax.jit(run)(x, scale, bias, cotangents)
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    replicated = NamedSharding(mesh, P())
+    groups = batch if group_size == 1 else replicated
+    step = jax.jit(run, in_shardings=(batch, replicated, replicated, (batch, groups, groups)))
+    assert "align_jax_batch_norm_apply" in step.lower(x, scale, bias, cotangents).compile().as_text()
+    got, got_grads = step(x, scale, bias, cotangents)
+    for g, w in zip(got + got_grads, want + want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_module_picks_native_where_it_can():
+    from align_jax.models import norms
+
+    assert norms.resolve_impl("auto", jnp.float32, jax.nn.silu) == "native"
+    assert norms.resolve_impl("auto", jnp.float32, None) == "native"
+    assert norms.resolve_impl("auto", jnp.float32, jax.nn.relu) == "xla"  # no kernel for it
+    assert norms.resolve_impl("auto", jnp.bfloat16, jax.nn.silu) == "xla"
+    x = jax.random.normal(jax.random.key(4), (4, 3, 3, 5))
+    layer = norms.BatchNorm(use_running_average=False, activation=jax.nn.silu)
+    variables = layer.init(jax.random.key(5), x)
+    outs = {}
+    for impl in ("xla", "native", "auto"):
+        y, updates = norms.BatchNorm(use_running_average=False, activation=jax.nn.silu, impl=impl).apply(
+            variables, x, mutable=["batch_stats"]
+        )
+        outs[impl] = (y, updates["batch_stats"])
+    for impl in ("native", "auto"):
+        for got, want in zip(jax.tree.leaves(outs[impl]), jax.tree.leaves(outs["xla"]), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        norms.BatchNorm(use_running_average=False, impl="fast").apply(variables, x, mutable=["batch_stats"])
+    with pytest.raises(ValueError, match="float32 input and no activation or SiLU"):
+        norms.BatchNorm(use_running_average=False, activation=jax.nn.relu, impl="native").apply(
+            variables, x, mutable=["batch_stats"]
+        )

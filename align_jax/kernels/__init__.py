@@ -1,14 +1,16 @@
 """Native CPU kernels (C++ through XLA's FFI), compiled on first use and cached.
 
-XLA:CPU has no fast depthwise convolution: its grouped-convolution lowering is 10x slower than
-PyTorch's oneDNN kernel, and the pure-JAX fallback (`shifted_sum_depthwise`) spends most of an
-EfficientNet training step in the kernel gradient (benchmarks/RESULTS.md). `depthwise.cc` holds
-the three loops (forward, input gradient, kernel gradient). It is compiled with the system C++
-compiler against the FFI headers jaxlib ships, for this CPU (`-march=native`), into
-`$ALIGN_JAX_KERNEL_CACHE` (default `~/.cache/align_jax/kernels`), keyed by the source, jaxlib's
-version, the compiler and the CPU, so a changed machine or jaxlib rebuilds instead of loading a
-stale library. No compiler means no native kernels: `load()` raises `NativeKernelError` naming
-the cause and callers with a fallback (`DepthwiseConv(impl="auto")`) use it.
+XLA:CPU has no fast depthwise convolution (its grouped-convolution lowering is 10x slower than
+PyTorch's oneDNN kernel, and the pure-JAX fallback `shifted_sum_depthwise` spends most of an
+EfficientNet training step in the kernel gradient), and its batch-norm backward materialises
+intermediates that its reduction library calls cannot fuse (benchmarks/RESULTS.md). `depthwise.cc`
+and `batchnorm.cc` hold those loops; `depthwise.py` and `batchnorm.py` give them gradients and
+sharding rules. They are compiled with the system C++ compiler against the FFI headers jaxlib
+ships, for this CPU (`-march=native`), into `$ALIGN_JAX_KERNEL_CACHE` (default
+`~/.cache/align_jax/kernels`), keyed by the sources, jaxlib's version, the compiler and the CPU, so
+a changed machine or jaxlib rebuilds instead of loading a stale library. No compiler means no
+native kernels: `load()` raises `NativeKernelError` naming the cause, and the models' 'auto'
+implementations (`DepthwiseConv`, `BatchNorm`) fall back to pure JAX.
 """
 
 from __future__ import annotations
@@ -26,13 +28,21 @@ from pathlib import Path
 
 log = logging.getLogger("align_jax.kernels")
 
-SOURCE = Path(__file__).with_name("depthwise.cc")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "depthwise.cc", HERE / "batchnorm.cc")
+HEADERS = (HERE / "parallel.h",)
 TARGETS = {
+    "align_jax_batch_norm_stats": "AlignJaxBatchNormStats",
+    "align_jax_batch_norm_apply": "AlignJaxBatchNormApply",
+    "align_jax_batch_norm_grad_stats": "AlignJaxBatchNormGradStats",
+    "align_jax_batch_norm_input_grad": "AlignJaxBatchNormInputGrad",
     "align_jax_depthwise_forward": "AlignJaxDepthwiseForward",
     "align_jax_depthwise_input_gradient": "AlignJaxDepthwiseInputGradient",
     "align_jax_depthwise_kernel_gradient": "AlignJaxDepthwiseKernelGradient",
 }
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
+
+WHAT = "align_jax's CPU kernels"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -68,15 +78,16 @@ def library_path() -> Path:
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), _compiler().encode(), _cpu_fingerprint().encode()):
+    sources = [p.read_bytes() for p in SOURCES + HEADERS]
+    for part in (*sources, jaxlib.__version__.encode(), _compiler().encode(), _cpu_fingerprint().encode()):
         key.update(part)
         key.update(b"\0")
     key.update(" ".join(FLAGS).encode())
-    return cache_dir() / f"depthwise-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"align_jax_kernels-{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
-    """Compile `depthwise.cc` unless the cached library exists; returns its path."""
+    """Compile the kernels' sources into one library unless it is cached; returns its path."""
     import jax
 
     path = library_path()
@@ -86,13 +97,17 @@ def build() -> Path:
     # Compile to a private name, then rename: concurrent builders (test workers) never load half a file.
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        command = [_compiler(), *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+        command = [_compiler(), *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(out)]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise NativeKernelError(f"compiling {SOURCE.name} failed to run ({' '.join(command)}): {e}") from e
+            raise NativeKernelError(
+                f"compiling align_jax's CPU kernels failed to run ({' '.join(command)}): {e}"
+            ) from e
         if proc.returncode != 0:
-            raise NativeKernelError(f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{proc.stderr[-4000:]}")
+            raise NativeKernelError(
+                f"compiling align_jax's CPU kernels failed ({' '.join(command)}):\n{proc.stderr[-4000:]}"
+            )
         os.replace(out, path)
     log.info("built align_jax CPU kernels: %s", path)
     return path

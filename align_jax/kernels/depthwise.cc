@@ -10,121 +10,111 @@
 // (x is zero outside [0, H) x [0, W)). Built at first use by align_jax/kernels/__init__.py.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using align_jax::ParallelFor;
 
 namespace {
 
 constexpr int64_t kBlock = 64;  // channels per register block (4 AVX-512 vectors)
 
-struct Shared {
-  std::function<void(int64_t)> fn;
-  int64_t tasks = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-// Runs fn(t) for t in [0, tasks) on the calling thread and on the intra-op pool's threads. The
-// caller takes tasks too and never waits for a helper that has not started, so two handlers
-// running at once on a two-thread pool cannot deadlock.
-void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const std::function<void(int64_t)>& fn) {
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
-  if (helpers <= 0) {
-    for (int64_t t = 0; t < tasks; ++t) fn(t);
-    return;
-  }
-  auto shared = std::make_shared<Shared>();
-  shared->fn = fn;
-  shared->tasks = tasks;
-  auto work = [shared]() {
-    int64_t count = 0;
-    for (int64_t t; (t = shared->next.fetch_add(1)) < shared->tasks; ++count) shared->fn(t);
-    if (count > 0 && shared->done.fetch_add(count) + count == shared->tasks) {
-      std::lock_guard<std::mutex> lock(shared->mu);
-      shared->cv.notify_all();
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == shared->tasks; });
-}
-
 struct Geometry {
   int64_t n, h, w, c, kh, kw, ho, wo, stride, pt, pl;
 };
 
-// One output row y[n, oh, :, :].
-void ForwardRow(const Geometry& g, const float* __restrict x, const float* __restrict k, float* __restrict y,
-                int64_t n, int64_t oh) {
-  float* yrow = y + ((n * g.ho + oh) * g.wo) * g.c;
-  for (int64_t ow = 0; ow < g.wo; ++ow) {
-    for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-      const int64_t cb = std::min(kBlock, g.c - c0);
-      float acc[kBlock] = {0};
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t ih = oh * g.stride + i - g.pt;
-        if (ih < 0 || ih >= g.h) continue;
-        const float* xrow = x + ((n * g.h + ih) * g.w) * g.c + c0;
-        const float* krow = k + i * g.kw * g.c + c0;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t iw = ow * g.stride + j - g.pl;
-          if (iw < 0 || iw >= g.w) continue;
-          const float* xp = xrow + iw * g.c;
-          const float* kp = krow + j * g.c;
-#pragma GCC ivdep
-          for (int64_t c = 0; c < cb; ++c) acc[c] += xp[c] * kp[c];
-        }
-      }
-      std::memcpy(yrow + ow * g.c + c0, acc, cb * sizeof(float));
+// Channels [c0, c0 + CB) of output pixel (oh, ow): CB is a compile-time block so the sums stay in
+// vector registers across the k*k taps.
+template <int64_t CB>
+inline void ForwardPixel(const Geometry& g, const float* __restrict x, const float* __restrict k,
+                         float* __restrict y, int64_t n, int64_t oh, int64_t ow, int64_t c0) {
+  float acc[CB] = {0};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.stride + i - g.pt;
+    if (ih < 0 || ih >= g.h) continue;
+    const float* xrow = x + ((n * g.h + ih) * g.w) * g.c + c0;
+    const float* krow = k + i * g.kw * g.c + c0;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t iw = ow * g.stride + j - g.pl;
+      if (iw < 0 || iw >= g.w) continue;
+      const float* xp = xrow + iw * g.c;
+      const float* kp = krow + j * g.c;
+#pragma GCC unroll 64
+      for (int64_t c = 0; c < CB; ++c) acc[c] += xp[c] * kp[c];
     }
   }
+  float* out = y + (((n * g.ho + oh) * g.wo) + ow) * g.c + c0;
+#pragma GCC unroll 64
+  for (int64_t c = 0; c < CB; ++c) out[c] = acc[c];
 }
 
-// One input-gradient row dx[n, ih, :, :] = sum over the outputs whose window covers it.
-void InputGradientRow(const Geometry& g, const float* __restrict dy, const float* __restrict k,
-                      float* __restrict dx, int64_t n, int64_t ih) {
-  float* dxrow = dx + ((n * g.h + ih) * g.w) * g.c;
-  for (int64_t iw = 0; iw < g.w; ++iw) {
-    for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-      const int64_t cb = std::min(kBlock, g.c - c0);
-      float acc[kBlock] = {0};
-      for (int64_t i = 0; i < g.kh; ++i) {
-        const int64_t th = ih + g.pt - i;
-        if (th < 0 || th % g.stride) continue;
-        const int64_t oh = th / g.stride;
-        if (oh >= g.ho) continue;
-        const float* dyrow = dy + ((n * g.ho + oh) * g.wo) * g.c + c0;
-        const float* krow = k + i * g.kw * g.c + c0;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t tw = iw + g.pl - j;
-          if (tw < 0 || tw % g.stride) continue;
-          const int64_t ow = tw / g.stride;
-          if (ow >= g.wo) continue;
-          const float* dp = dyrow + ow * g.c;
-          const float* kp = krow + j * g.c;
-#pragma GCC ivdep
-          for (int64_t c = 0; c < cb; ++c) acc[c] += dp[c] * kp[c];
-        }
-      }
-      std::memcpy(dxrow + iw * g.c + c0, acc, cb * sizeof(float));
+// Channels [c0, c0 + CB) of input-gradient pixel (ih, iw): the outputs whose window covers it.
+template <int64_t CB>
+inline void InputGradientPixel(const Geometry& g, const float* __restrict dy, const float* __restrict k,
+                               float* __restrict dx, int64_t n, int64_t ih, int64_t iw, int64_t c0) {
+  float acc[CB] = {0};
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t th = ih + g.pt - i;
+    if (th < 0 || th % g.stride) continue;
+    const int64_t oh = th / g.stride;
+    if (oh >= g.ho) continue;
+    const float* dyrow = dy + ((n * g.ho + oh) * g.wo) * g.c + c0;
+    const float* krow = k + i * g.kw * g.c + c0;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t tw = iw + g.pl - j;
+      if (tw < 0 || tw % g.stride) continue;
+      const int64_t ow = tw / g.stride;
+      if (ow >= g.wo) continue;
+      const float* dp = dyrow + ow * g.c;
+      const float* kp = krow + j * g.c;
+#pragma GCC unroll 64
+      for (int64_t c = 0; c < CB; ++c) acc[c] += dp[c] * kp[c];
     }
   }
+  float* out = dx + (((n * g.h + ih) * g.w) + iw) * g.c + c0;
+#pragma GCC unroll 64
+  for (int64_t c = 0; c < CB; ++c) out[c] = acc[c];
+}
+
+// Every channel of one pixel, in register blocks of 64, then 16, then 1 channels.
+template <template <int64_t> class Pixel, typename... Args>
+inline void AllChannels(const Geometry& g, Args... args) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= g.c; c0 += 64) Pixel<64>::Run(g, args..., c0);
+  for (; c0 + 16 <= g.c; c0 += 16) Pixel<16>::Run(g, args..., c0);
+  for (; c0 < g.c; ++c0) Pixel<1>::Run(g, args..., c0);
+}
+
+template <int64_t CB>
+struct ForwardOp {
+  static void Run(const Geometry& g, const float* x, const float* k, float* y, int64_t n, int64_t oh, int64_t ow,
+                  int64_t c0) {
+    ForwardPixel<CB>(g, x, k, y, n, oh, ow, c0);
+  }
+};
+
+template <int64_t CB>
+struct InputGradientOp {
+  static void Run(const Geometry& g, const float* dy, const float* k, float* dx, int64_t n, int64_t ih, int64_t iw,
+                  int64_t c0) {
+    InputGradientPixel<CB>(g, dy, k, dx, n, ih, iw, c0);
+  }
+};
+
+// One output row y[n, oh, :, :].
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t n, int64_t oh) {
+  for (int64_t ow = 0; ow < g.wo; ++ow) AllChannels<ForwardOp>(g, x, k, y, n, oh, ow);
+}
+
+// One input-gradient row dx[n, ih, :, :].
+void InputGradientRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t n, int64_t ih) {
+  for (int64_t iw = 0; iw < g.w; ++iw) AllChannels<InputGradientOp>(g, dy, k, dx, n, ih, iw);
 }
 
 // dk[n, :, :, c0:c0+cb] = sum over one example's outputs of window * dy, for one channel block.

@@ -1,10 +1,7 @@
 """Depthwise convolution through the native CPU kernels (`depthwise.cc`), with gradients and a
-sharding rule, so the same `jit`-ed step runs on one device or an emulated / real CPU mesh.
-
-Each of the three kernel calls is per example and per channel: under `jit` over a mesh it keeps
-the batch (and channel) sharding of its inputs and runs on every shard, with the spatial
-dimensions whole (`custom_partitioning` with a Shardy rule); the kernel gradient is returned per
-example and summed outside, so a sharded batch needs no collective inside the call.
+sharding rule (`partition.per_example_op`), so the same `jit`-ed step runs on one device or a CPU
+mesh. The kernel gradient is returned per example and summed outside the call, so a sharded batch
+needs no collective inside it.
 """
 
 from __future__ import annotations
@@ -14,11 +11,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from align_jax import kernels
+from align_jax.kernels.partition import per_example_op
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -50,53 +45,9 @@ def _kernel_gradient_local(x, dy, stride, padding, kernel_size):
     return _ffi("align_jax_depthwise_kernel_gradient", shape, x, dy, stride, padding)
 
 
-def _batch_and_channel(sharding, ndim: int) -> tuple:
-    """The (batch, channel) mesh axes of an operand's sharding; None when it is not a named one."""
-    if not isinstance(sharding, NamedSharding):
-        return None, None
-    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
-    return spec[0], spec[-1]
-
-
-def _partitioned(local_fn, rule: str, first_rank: int, second_rank: int, static_argnums: tuple[int, ...]):
-    """`local_fn(a, b, *static)` as a custom-partitioned op: the batch and channel dimensions keep
-    the first operand's sharding, every other dimension is whole on each shard."""
-    wrapped = custom_partitioning(local_fn, static_argnums=static_argnums)
-
-    def specs(batch, channel):
-        first = P(batch, None, None, channel)
-        second = P(batch, None, None, channel) if second_rank == 4 else P(None, None, channel)
-        return first, second, P(batch, None, None, channel)
-
-    def partition(*args):
-        *static, mesh, arg_shapes, result_shape = args
-        batch, channel = _batch_and_channel(arg_shapes[0].sharding, first_rank)
-        first, second, out = specs(batch, channel)
-
-        def lower(a, b):
-            return local_fn(a, b, *static)
-
-        shardings = (NamedSharding(mesh, first), NamedSharding(mesh, second))
-        return mesh, lower, NamedSharding(mesh, out), shardings
-
-    def infer(*args):
-        *_, mesh, arg_shapes, result_shape = args
-        batch, channel = _batch_and_channel(arg_shapes[0].sharding, first_rank)
-        return NamedSharding(mesh, specs(batch, channel)[2])
-
-    wrapped.def_partition(
-        partition=partition,
-        infer_sharding_from_operands=infer,
-        sharding_rule=rule,
-        # Spatial and kernel dimensions stay whole, listed in the rule's order (Shardy requires it).
-        need_replication_factors=tuple(f for f in dict.fromkeys(rule.replace(",", " ").split()) if f in "hwijpq"),
-    )
-    return wrapped
-
-
-_forward = _partitioned(_forward_local, "n h w c, i j c -> n p q c", 4, 3, (2, 3))
-_input_gradient = _partitioned(_input_gradient_local, "n p q c, i j c -> n h w c", 4, 3, (2, 3, 4))
-_kernel_gradient = _partitioned(_kernel_gradient_local, "n h w c, n p q c -> n i j c", 4, 4, (2, 3, 4))
+_forward = per_example_op(_forward_local, ("nhwc", "ijc"), "npqc", (2, 3))
+_input_gradient = per_example_op(_input_gradient_local, ("npqc", "ijc"), "nhwc", (2, 3, 4))
+_kernel_gradient = per_example_op(_kernel_gradient_local, ("nhwc", "npqc"), "nijc", (2, 3, 4))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

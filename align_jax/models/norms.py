@@ -17,6 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from align_jax import kernels
+from align_jax.kernels import batchnorm as native_batchnorm
+
 Activation = Callable[[jax.Array], jax.Array]
 
 
@@ -98,6 +101,23 @@ def _batch_norm_bwd(group_size, epsilon, activation, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
+BATCH_NORM_IMPLS = ("auto", "xla", "native")
+
+
+def resolve_impl(impl: str, dtype: Any, activation: Activation | None) -> str:
+    """What `BatchNorm(impl=...)` runs in training mode."""
+    if impl != "auto":
+        return impl
+    if (
+        jax.default_backend() == "cpu"
+        and jnp.dtype(dtype) == jnp.float32
+        and native_batchnorm.supports(activation)
+        and kernels.available()
+    ):
+        return "native"
+    return "xla"
+
+
 class BatchNorm(nn.Module):
     use_running_average: bool
     momentum: float = 0.99  # Flax/TF semantics: running = momentum * running + (1 - momentum) * batch
@@ -105,6 +125,10 @@ class BatchNorm(nn.Module):
     group_size: int | None = None
     dtype: Any = jnp.float32
     activation: Activation | None = None  # applied after the affine transform, fused in training
+    # Training-mode lowering: 'xla' (`batch_norm_train`), 'native' (C++ CPU kernels,
+    # align_jax.kernels.batchnorm) or 'auto' (native on CPU for float32 inputs and activations it
+    # supports, when the kernels build here; else xla).
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,7 +148,19 @@ class BatchNorm(nn.Module):
         group = self.group_size or x.shape[0]
         if x.shape[0] % group:
             raise ValueError(f"BatchNorm group_size {group} does not divide the batch of {x.shape[0]} examples")
-        y, mean, var = batch_norm_train(x, scale, bias, group, self.epsilon, self.activation)
+        if self.impl not in BATCH_NORM_IMPLS:
+            raise ValueError(f"BatchNorm impl must be one of {BATCH_NORM_IMPLS}, got {self.impl!r}")
+        if resolve_impl(self.impl, x.dtype, self.activation) == "native":
+            if x.dtype != jnp.float32 or not native_batchnorm.supports(self.activation):
+                raise ValueError(
+                    f"BatchNorm impl='native' needs float32 input and no activation or SiLU, got {x.dtype}"
+                )
+            kernels.load()  # raises NativeKernelError naming why it cannot be built
+            y, mean, var = native_batchnorm.native_batch_norm_train(
+                x, scale, bias, group, self.epsilon, self.activation
+            )
+        else:
+            y, mean, var = batch_norm_train(x, scale, bias, group, self.epsilon, self.activation)
         if not self.is_initializing():
             # Running statistics move toward the average of the groups' statistics (as Keras does).
             running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean.mean(0)
