@@ -273,6 +273,12 @@ def resolve_depthwise_impl(impl: str, dtype: Any) -> str:
     return "shifted_sum"
 
 
+def batch_norm_impl(depthwise_impl: str) -> str:
+    """The batch norms follow the depthwise choice: native kernels with 'native' (or 'auto', where
+    they build), XLA's with the pure-XLA lowerings ('shifted_sum', 'conv')."""
+    return depthwise_impl if depthwise_impl in ("auto", "native") else "xla"
+
+
 class DepthwiseConv(nn.Module):
     """A depthwise convolution with `nn.Conv`'s parameter layout (`kernel [k, k, 1, C]`), so
     checkpoints and the HF importer are the same whichever implementation runs."""
@@ -379,6 +385,7 @@ class MBConvBlock(nn.Module):
             epsilon=self.bn_epsilon,
             group_size=self.bn_group_size,
             dtype=self.dtype,
+            impl=batch_norm_impl(self.depthwise_impl),
         )
         dense = functools.partial(FlatDense, dtype=self.dtype, kernel_init=conv_init)
         inputs = x
@@ -431,7 +438,8 @@ class EfficientNet(nn.Module):
     drop_connect_rate: float = 0.2
     drop_connect_mode: str = "per_example"
     bn_group_size: int | None = None  # None: statistics over the whole batch; else per group
-    depthwise_impl: str = "auto"  # see DepthwiseConv; also picks the stem's lowering (StemConv)
+    # See DepthwiseConv; also picks the stem's lowering (StemConv) and the batch norms' (batch_norm_impl).
+    depthwise_impl: str = "auto"
     remat: str = "none"  # MBConv blocks: 'none', 'full' or 'dots' (see align_jax.models.vit)
     dtype: Any = jnp.float32
 
@@ -484,6 +492,7 @@ class EfficientNet(nn.Module):
             group_size=self.bn_group_size,
             dtype=self.dtype,
             activation=act,
+            impl=batch_norm_impl(self.depthwise_impl),
             name="stem_bn",
         )(x)
         block = remat_block(MBConvBlock, self.remat, static_argnums=(2,))  # (self, x, train)
