@@ -251,29 +251,13 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AlignJaxBatchNormStats, StatsImpl,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<
-                                  ffi::Buffer<ffi::F32>>());
+using F32 = ffi::Buffer<ffi::F32>;
+#define ALIGN_JAX_POOL ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AlignJaxBatchNormStats, StatsImpl, ALIGN_JAX_POOL.Arg<F32>().Ret<F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AlignJaxBatchNormApply, ApplyImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("activation"));
+                              ALIGN_JAX_POOL.Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("activation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AlignJaxBatchNormGradStats, GradStatsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("activation"));
+                              ALIGN_JAX_POOL.Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("activation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AlignJaxBatchNormInputGrad, InputGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("activation"));
+                              ALIGN_JAX_POOL.Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>().Attr<int64_t>("activation"));

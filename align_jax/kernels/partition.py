@@ -1,6 +1,13 @@
 """Sharding rules for the native kernels: every kernel is per example (and per channel), so under
 `jit` over a mesh it keeps its operands' batch and channel sharding and runs on each shard with
-every other dimension whole; nothing inside a call communicates."""
+every other dimension whole; nothing inside a call communicates.
+
+Known cost: JAX lowers a `custom_partitioning` op to a call keyed by a Python object's id, so a
+multi-device program holding these ops has a new persistent-compilation-cache key in every
+process and is recompiled after a restart (one-device programs inline the op and are cached).
+JAX's `jax_remove_custom_partitioning_ptr_from_cache_key` would drop the id, but the op's static
+arguments (stride, padding) are not in the HLO either, so two layers of equal shapes could then
+share a cache entry: not used."""
 
 from __future__ import annotations
 
