@@ -52,6 +52,14 @@ inline float Exp(float x) {
 
 inline float Sigmoid(float z) { return 1.0f / (1.0f + Exp(-z)); }
 
+// The gradient at z = x * a + b of act(z), given the output gradient dy.
+inline float PreActivationGrad(float x, float a, float b, float dy, int64_t activation) {
+  if (activation != kSilu) return dy;
+  const float z = x * a + b;
+  const float sig = Sigmoid(z);
+  return dy * sig * (1.0f + z * (1.0f - sig));
+}
+
 struct Shape {
   int64_t n, r, c;
 };
@@ -198,12 +206,7 @@ ffi::Error GradStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       const float* dr = dd + (n * s.r + r) * s.c;
 #pragma GCC ivdep
       for (int64_t c = 0; c < s.c; ++c) {
-        float dz = dr[c];
-        if (activation == kSilu) {
-          const float z = xr[c] * a[c] + b[c];
-          const float sig = Sigmoid(z);
-          dz *= sig * (1.0f + z * (1.0f - sig));
-        }
+        const float dz = PreActivationGrad(xr[c], a[c], b[c], dr[c], activation);
         s1[c] += dz;
         s2[c] += dz * ((xr[c] - mean[c]) * rstd[c]);
       }
@@ -236,12 +239,7 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
       float* o = od + (n * s.r + r) * s.c;
 #pragma GCC ivdep
       for (int64_t c = 0; c < s.c; ++c) {
-        float dz = dr[c];
-        if (activation == kSilu) {
-          const float z = xr[c] * a[c] + b[c];
-          const float sig = Sigmoid(z);
-          dz *= sig * (1.0f + z * (1.0f - sig));
-        }
+        const float dz = PreActivationGrad(xr[c], a[c], b[c], dr[c], activation);
         o[c] = dz * u[c] + xr[c] * v[c] + w[c];
       }
     }
