@@ -24,7 +24,7 @@ from align_jax.input import demo_data
 from align_jax.input.readers import encode_example, write_tfrecords
 from align_jax.metric_writer import read_metrics
 from align_jax.models import build_model, init_variables
-from align_jax.optim import make_optimizer
+from align_jax.optim import learning_rate_schedule, make_optimizer
 from align_jax.sharding import make_mesh
 from align_jax.train_step import abstract_train_state
 from tests import background, train_config
@@ -278,19 +278,34 @@ def test_sigterm_saves_exits_zero_and_the_relaunch_continues(sigterm_run, refere
 def test_one_device_run_matches_eight_devices(one_device_run, reference):
     workdir = one_device_run
     assert checkpointing.load_config(workdir).mesh == checkpointing.load_config(reference["workdir"]).mesh
-    _assert_equal_up_to_summation_order(_model_variables(workdir), _model_variables(reference["workdir"]))
+    _assert_equal_up_to_summation_order(
+        _model_variables(workdir), _model_variables(reference["workdir"]), reference["workdir"]
+    )
 
 
-def _assert_equal_up_to_summation_order(a, b):
-    """For runs whose cross-device sums run in another order (1 vs 8 devices, 2 processes vs 1).
-    Leaves whose gradient is zero in exact arithmetic (attention key biases; biases of a BatchNorm
-    whose output reaches another BatchNorm through a linear map; the running means downstream of
-    those) hold float32 noise that Adam scales up to ~1e-5, so they agree only to an absolute 5e-5;
-    all others to 1e-4."""
+def _assert_equal_up_to_summation_order(a, b, workdir):
+    """For runs whose cross-device sums run in another order (1 vs 8 devices, 2 processes vs 1):
+    every leaf agrees to rtol 1e-4, atol 1e-5 (they agree to ~1e-7 in practice), except biases
+    whose gradient is zero in exact arithmetic (attention key biases; the biases of a BatchNorm
+    whose output reaches another BatchNorm through a 1x1 convolution). Those hold float32
+    rounding noise that Adam turns into steps of ~1e-2 learning rates, different in each run, so
+    for them both runs must only stay within the noise budget: a tenth of the sum of the
+    run's learning rates, the distance Adam moves a leaf with a real gradient (~lr a step)."""
+    config = checkpointing.load_config(workdir)
+    schedule = learning_rate_schedule(config.optimizer, config.total_steps)
+    noise_budget = 0.1 * sum(float(schedule(step)) for step in range(config.total_steps))
+    noise_leaves = []
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(
-            np.asarray(x), np.asarray(y), rtol=1e-4, atol=5e-5, err_msg=jax.tree_util.keystr(path)
-        )
+        x, y, name = np.asarray(x), np.asarray(y), jax.tree_util.keystr(path)
+        is_bias = path[0].key == "params" and path[-1].key == "bias"
+        if is_bias and max(np.abs(x).max(), np.abs(y).max()) <= noise_budget:
+            noise_leaves.append(name)
+            continue
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
+    # The tiny preset's zero-gradient BatchNorm biases; not every bias (that would excuse a run
+    # that did not learn).
+    num_biases = sum(path[-1].key == "bias" for path, _ in jax.tree_util.tree_leaves_with_path(a["params"]))
+    assert len(noise_leaves) < num_biases / 4, noise_leaves
 
 
 def _free_port() -> int:
@@ -312,7 +327,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(two_process
     assert not [line for line in out1.splitlines() if line.startswith("{")]  # (gloo prints its own lines)
     # Same parameters as one process on 8 devices, up to the order of the cross-process sums.
     one = _model_variables(reference["workdir"])
-    _assert_equal_up_to_summation_order(_model_variables(workdir), one)
+    _assert_equal_up_to_summation_order(_model_variables(workdir), one, reference["workdir"])
     # The evaluators ran on both processes' shares of the held-out set.
     for key in ("retrieval/num_images", "zeroshot/num_images", "retrieval/i2t_r1", "zeroshot/top1"):
         assert result[key] == pytest.approx(reference["result"][key]), key
@@ -323,7 +338,7 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(two_process
     # The 2-process checkpoint of step 3 (model, optimizer, both readers' positions) restored in
     # one process, which then finished the run as the reference did.
     assert "resumed from the checkpoint of step 3" in run["resumed_stderr"]
-    _assert_equal_up_to_summation_order(_model_variables(resumed), one)
+    _assert_equal_up_to_summation_order(_model_variables(resumed), one, reference["workdir"])
 
 
 def test_distributed_flags_go_together(demo_dir, tmp_path):
