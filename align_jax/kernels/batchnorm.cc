@@ -52,12 +52,25 @@ inline float Exp(float x) {
 
 inline float Sigmoid(float z) { return 1.0f / (1.0f + Exp(-z)); }
 
-// The gradient at z = x * a + b of act(z), given the output gradient dy.
-inline float PreActivationGrad(float x, float a, float b, float dy, int64_t activation) {
-  if (activation != kSilu) return dy;
+// The gradient at z = x * a + b of act(z), given the output gradient dy. The activation is a
+// template argument: a run-time test inside the channel loop is if-converted, so the loop without
+// an activation would compute the sigmoid too.
+template <int64_t kActivation>
+inline float PreActivationGrad(float x, float a, float b, float dy) {
+  if (kActivation != kSilu) return dy;
   const float z = x * a + b;
   const float sig = Sigmoid(z);
   return dy * sig * (1.0f + z * (1.0f - sig));
+}
+
+// Software prefetch of the row kAhead floats ahead of `row` (its `c` floats). The hardware
+// prefetchers alone leave these loops waiting on memory once a row takes a few dozen cycles of
+// arithmetic (the SiLU's exp): block 1's gradient sums took 2.2x the time of a plain read of
+// their inputs; with this, they run at memory speed (benchmarks/RESULTS.md, session 8).
+constexpr int64_t kAhead = 1024;  // 4 KiB
+
+inline void PrefetchRow(const float* row, int64_t c) {
+  for (int64_t i = 0; i < c; i += 16) __builtin_prefetch(row + kAhead + i);
 }
 
 struct Shape {
@@ -143,6 +156,7 @@ ffi::Error StatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultB
         const float* shift = xd + n * s.r * s.c;
         for (int64_t r = lo; r < hi; ++r) {
           const float* row = xd + (n * s.r + r) * s.c;
+          PrefetchRow(row, s.c);
 #pragma GCC ivdep
           for (int64_t c = 0; c < s.c; ++c) {
             const float v = row[c] - shift[c];
@@ -172,6 +186,7 @@ ffi::Error ApplyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = xd + (n * s.r + r) * s.c;
       float* yr = yd + (n * s.r + r) * s.c;
+      PrefetchRow(xr, s.c);
       if (activation == kSilu) {
 #pragma GCC ivdep
         for (int64_t c = 0; c < s.c; ++c) {
@@ -187,6 +202,27 @@ ffi::Error ApplyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+template <int64_t kActivation>
+void GradStatsRows(const Shape& s, const float* xd, const float* dd, const float* cd, int64_t n, int64_t lo,
+                   int64_t hi, float* s1, float* s2) {
+  const float* a = cd + (n * 4) * s.c;
+  const float* b = a + s.c;
+  const float* mean = b + s.c;
+  const float* rstd = mean + s.c;
+  for (int64_t r = lo; r < hi; ++r) {
+    const float* xr = xd + (n * s.r + r) * s.c;
+    const float* dr = dd + (n * s.r + r) * s.c;
+    PrefetchRow(xr, s.c);
+    PrefetchRow(dr, s.c);
+#pragma GCC ivdep
+    for (int64_t c = 0; c < s.c; ++c) {
+      const float dz = PreActivationGrad<kActivation>(xr[c], a[c], b[c], dr[c]);
+      s1[c] += dz;
+      s2[c] += dz * ((xr[c] - mean[c]) * rstd[c]);
+    }
+  }
+}
+
 ffi::Error GradStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                          ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> out, int64_t activation) {
   Shape s;
@@ -197,25 +233,38 @@ ffi::Error GradStatsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const float* dd = dy.typed_data();
   const float* cd = coef.typed_data();
   PerExampleSums(pool, s, out->typed_data(), [&](int64_t n, int64_t lo, int64_t hi, float* s1, float* s2) {
-    const float* a = cd + (n * 4) * s.c;
-    const float* b = a + s.c;
-    const float* mean = b + s.c;
-    const float* rstd = mean + s.c;
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* xr = xd + (n * s.r + r) * s.c;
-      const float* dr = dd + (n * s.r + r) * s.c;
-#pragma GCC ivdep
-      for (int64_t c = 0; c < s.c; ++c) {
-        const float dz = PreActivationGrad(xr[c], a[c], b[c], dr[c], activation);
-        s1[c] += dz;
-        s2[c] += dz * ((xr[c] - mean[c]) * rstd[c]);
-      }
+    if (activation == kSilu) {
+      GradStatsRows<kSilu>(s, xd, dd, cd, n, lo, hi, s1, s2);
+    } else {
+      GradStatsRows<kNone>(s, xd, dd, cd, n, lo, hi, s1, s2);
     }
   }, [](int64_t, int64_t, double s1, double s2, float* first, float* second) {
     *first = static_cast<float>(s1);
     *second = static_cast<float>(s2);
   });
   return ffi::Error::Success();
+}
+
+template <int64_t kActivation>
+void InputGradRows(const Shape& s, const float* xd, const float* dd, const float* cd, float* od, int64_t n,
+                   int64_t lo, int64_t hi) {
+  const float* a = cd + (n * 5) * s.c;
+  const float* b = a + s.c;
+  const float* u = b + s.c;
+  const float* v = u + s.c;
+  const float* w = v + s.c;
+  for (int64_t r = lo; r < hi; ++r) {
+    const float* xr = xd + (n * s.r + r) * s.c;
+    const float* dr = dd + (n * s.r + r) * s.c;
+    float* o = od + (n * s.r + r) * s.c;
+    PrefetchRow(xr, s.c);
+    PrefetchRow(dr, s.c);
+#pragma GCC ivdep
+    for (int64_t c = 0; c < s.c; ++c) {
+      const float dz = PreActivationGrad<kActivation>(xr[c], a[c], b[c], dr[c]);
+      o[c] = dz * u[c] + xr[c] * v[c] + w[c];
+    }
+  }
 }
 
 ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -228,20 +277,10 @@ ffi::Error InputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const float* cd = coef.typed_data();
   float* od = dx->typed_data();
   PerExampleRows(pool, s, [&](int64_t n, int64_t lo, int64_t hi) {
-    const float* a = cd + (n * 5) * s.c;
-    const float* b = a + s.c;
-    const float* u = b + s.c;
-    const float* v = u + s.c;
-    const float* w = v + s.c;
-    for (int64_t r = lo; r < hi; ++r) {
-      const float* xr = xd + (n * s.r + r) * s.c;
-      const float* dr = dd + (n * s.r + r) * s.c;
-      float* o = od + (n * s.r + r) * s.c;
-#pragma GCC ivdep
-      for (int64_t c = 0; c < s.c; ++c) {
-        const float dz = PreActivationGrad(xr[c], a[c], b[c], dr[c], activation);
-        o[c] = dz * u[c] + xr[c] * v[c] + w[c];
-      }
+    if (activation == kSilu) {
+      InputGradRows<kSilu>(s, xd, dd, cd, od, n, lo, hi);
+    } else {
+      InputGradRows<kNone>(s, xd, dd, cd, od, n, lo, hi);
     }
   });
   return ffi::Error::Success();
