@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -54,25 +55,40 @@ inline void ForwardPixel(const Geometry& g, const float* __restrict x, const flo
   for (int64_t c = 0; c < CB; ++c) out[c] = acc[c];
 }
 
+// The taps of one input row (or column) that some output covers: tap i reaches output row
+// (ih + pt - i) / stride when that is a whole number in [0, HO). Computed once per row and once
+// per column, not per pixel: integer division per tap cost more than the multiply-adds.
+struct Taps {
+  int64_t count = 0;
+  int64_t tap[16];
+  int64_t out[16];
+};
+
+inline Taps CoveringTaps(int64_t in, int64_t pad, int64_t k, int64_t stride, int64_t out_size) {
+  Taps t;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t offset = in + pad - i;
+    if (offset < 0 || offset % stride) continue;
+    const int64_t o = offset / stride;
+    if (o >= out_size) continue;
+    t.tap[t.count] = i;
+    t.out[t.count++] = o;
+  }
+  return t;
+}
+
 // Channels [c0, c0 + CB) of input-gradient pixel (ih, iw): the outputs whose window covers it.
 template <int64_t CB>
 inline void InputGradientPixel(const Geometry& g, const float* __restrict dy, const float* __restrict k,
-                               float* __restrict dx, int64_t n, int64_t ih, int64_t iw, int64_t c0) {
+                               float* __restrict dx, int64_t n, int64_t ih, int64_t iw, int64_t c0,
+                               const Taps& rows, const Taps& cols) {
   float acc[CB] = {0};
-  for (int64_t i = 0; i < g.kh; ++i) {
-    const int64_t th = ih + g.pt - i;
-    if (th < 0 || th % g.stride) continue;
-    const int64_t oh = th / g.stride;
-    if (oh >= g.ho) continue;
-    const float* dyrow = dy + ((n * g.ho + oh) * g.wo) * g.c + c0;
-    const float* krow = k + i * g.kw * g.c + c0;
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const int64_t tw = iw + g.pl - j;
-      if (tw < 0 || tw % g.stride) continue;
-      const int64_t ow = tw / g.stride;
-      if (ow >= g.wo) continue;
-      const float* dp = dyrow + ow * g.c;
-      const float* kp = krow + j * g.c;
+  for (int64_t a = 0; a < rows.count; ++a) {
+    const float* dyrow = dy + ((n * g.ho + rows.out[a]) * g.wo) * g.c + c0;
+    const float* krow = k + rows.tap[a] * g.kw * g.c + c0;
+    for (int64_t b = 0; b < cols.count; ++b) {
+      const float* dp = dyrow + cols.out[b] * g.c;
+      const float* kp = krow + cols.tap[b] * g.c;
 #pragma GCC unroll 64
       for (int64_t c = 0; c < CB; ++c) acc[c] += dp[c] * kp[c];
     }
@@ -102,8 +118,8 @@ struct ForwardOp {
 template <int64_t CB>
 struct InputGradientOp {
   static void Run(const Geometry& g, const float* dy, const float* k, float* dx, int64_t n, int64_t ih, int64_t iw,
-                  int64_t c0) {
-    InputGradientPixel<CB>(g, dy, k, dx, n, ih, iw, c0);
+                  const Taps* rows, const Taps* cols, int64_t c0) {
+    InputGradientPixel<CB>(g, dy, k, dx, n, ih, iw, c0, *rows, *cols);
   }
 };
 
@@ -113,38 +129,63 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
 }
 
 // One input-gradient row dx[n, ih, :, :].
-void InputGradientRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t n, int64_t ih) {
-  for (int64_t iw = 0; iw < g.w; ++iw) AllChannels<InputGradientOp>(g, dy, k, dx, n, ih, iw);
+void InputGradientRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t n, int64_t ih,
+                      const std::vector<Taps>& cols) {
+  const Taps rows = CoveringTaps(ih, g.pt, g.kh, g.stride, g.ho);
+  for (int64_t iw = 0; iw < g.w; ++iw) AllChannels<InputGradientOp>(g, dy, k, dx, n, ih, iw, &rows, &cols[iw]);
 }
 
-// dk[n, :, :, c0:c0+cb] = sum over one example's outputs of window * dy, for one channel block.
-void KernelGradientBlock(const Geometry& g, const float* __restrict x, const float* __restrict dy,
-                         float* __restrict dk, int64_t n, int64_t c0) {
-  const int64_t cb = std::min(kBlock, g.c - c0);
+// a[0:CB] += sum over `count` outputs of x * dy (x and dy advancing by their strides): the sums
+// stay in registers along the row.
+template <int64_t CB>
+inline void TapSums(float* __restrict a, const float* __restrict x, const float* __restrict dy, int64_t count,
+                    int64_t x_step, int64_t dy_step) {
+  float acc[CB];
+#pragma GCC unroll 64
+  for (int64_t c = 0; c < CB; ++c) acc[c] = a[c];
+  for (int64_t o = 0; o < count; ++o, x += x_step, dy += dy_step) {
+#pragma GCC unroll 64
+    for (int64_t c = 0; c < CB; ++c) acc[c] += x[c] * dy[c];
+  }
+#pragma GCC unroll 64
+  for (int64_t c = 0; c < CB; ++c) a[c] = acc[c];
+}
+
+// dk[n, :, :, c] = sum over one example's outputs of window * dy, for the channel blocks
+// [b0, b1) of kBlock channels. Output rows outermost, so that each input row is read from memory
+// once for all the blocks (blocks outermost read it once per block: twice as slow with 96 channels).
+void KernelGradientBlocks(const Geometry& g, const float* __restrict x, const float* __restrict dy,
+                          float* __restrict dk, int64_t n, int64_t b0, int64_t b1) {
   const int64_t taps = g.kh * g.kw;
-  std::unique_ptr<float[]> acc(new float[taps * kBlock]());
+  std::unique_ptr<float[]> acc(new float[(b1 - b0) * taps * kBlock]());
   for (int64_t oh = 0; oh < g.ho; ++oh) {
-    const float* dyrow = dy + ((n * g.ho + oh) * g.wo) * g.c + c0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ih = oh * g.stride + i - g.pt;
-      if (ih < 0 || ih >= g.h) continue;
-      const float* xrow = x + ((n * g.h + ih) * g.w) * g.c + c0;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        float* __restrict a = acc.get() + (i * g.kw + j) * kBlock;
-        // Outputs whose tap (i, j) falls inside the input: ow * s + j - pl in [0, W).
-        const int64_t lo = std::max<int64_t>(0, (g.pl - j + g.stride - 1) / g.stride);
-        const int64_t hi = std::min<int64_t>(g.wo, (g.w - 1 + g.pl - j) / g.stride + 1);
-        for (int64_t ow = lo; ow < hi; ++ow) {
-          const float* xp = xrow + (ow * g.stride + j - g.pl) * g.c;
-          const float* dp = dyrow + ow * g.c;
-#pragma GCC ivdep
-          for (int64_t c = 0; c < cb; ++c) a[c] += xp[c] * dp[c];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * kBlock, cb = std::min(kBlock, g.c - c0);
+      const float* dyrow = dy + ((n * g.ho + oh) * g.wo) * g.c + c0;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ih = oh * g.stride + i - g.pt;
+        if (ih < 0 || ih >= g.h) continue;
+        const float* xrow = x + ((n * g.h + ih) * g.w) * g.c + c0;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          float* __restrict a = acc.get() + ((blk - b0) * taps + i * g.kw + j) * kBlock;
+          // Outputs whose tap (i, j) falls inside the input: ow * s + j - pl in [0, W).
+          const int64_t lo = std::max<int64_t>(0, (g.pl - j + g.stride - 1) / g.stride);
+          const int64_t hi = std::min<int64_t>(g.wo, (g.w - 1 + g.pl - j) / g.stride + 1);
+          const float* xp = xrow + (lo * g.stride + j - g.pl) * g.c;
+          const float* dp = dyrow + lo * g.c;
+          int64_t c = 0;
+          for (; c + 64 <= cb; c += 64) TapSums<64>(a + c, xp + c, dp + c, hi - lo, g.stride * g.c, g.c);
+          for (; c + 16 <= cb; c += 16) TapSums<16>(a + c, xp + c, dp + c, hi - lo, g.stride * g.c, g.c);
+          for (; c < cb; ++c) TapSums<1>(a + c, xp + c, dp + c, hi - lo, g.stride * g.c, g.c);
         }
       }
     }
   }
-  for (int64_t t = 0; t < taps; ++t) {
-    std::memcpy(dk + (n * taps + t) * g.c + c0, acc.get() + t * kBlock, cb * sizeof(float));
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t c0 = blk * kBlock, cb = std::min(kBlock, g.c - c0);
+    for (int64_t t = 0; t < taps; ++t) {
+      std::memcpy(dk + (n * taps + t) * g.c + c0, acc.get() + ((blk - b0) * taps + t) * kBlock, cb * sizeof(float));
+    }
   }
 }
 
@@ -181,7 +222,10 @@ ffi::Error InputGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi
   const float* dyd = dy.typed_data();
   const float* kd = k.typed_data();
   float* dxd = dx->typed_data();
-  ParallelFor(pool, g.n * g.h, [&](int64_t t) { InputGradientRow(g, dyd, kd, dxd, t / g.h, t % g.h); });
+  if (g.kh > 16 || g.kw > 16) return ffi::Error::InvalidArgument("depthwise: kernels larger than 16x16");
+  std::vector<Taps> cols(g.w);
+  for (int64_t iw = 0; iw < g.w; ++iw) cols[iw] = CoveringTaps(iw, g.pl, g.kw, g.stride, g.wo);
+  ParallelFor(pool, g.n * g.h, [&](int64_t t) { InputGradientRow(g, dyd, kd, dxd, t / g.h, t % g.h, cols); });
   return ffi::Error::Success();
 }
 
@@ -197,9 +241,14 @@ ffi::Error KernelGradientImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* xd = x.typed_data();
   const float* dyd = dy.typed_data();
   float* dkd = dk->typed_data();
+  // One task per example, or per group of channel blocks when examples are fewer than ~2 per thread.
   const int64_t blocks = (g.c + kBlock - 1) / kBlock;
-  ParallelFor(pool, g.n * blocks,
-              [&](int64_t t) { KernelGradientBlock(g, xd, dyd, dkd, t / blocks, (t % blocks) * kBlock); });
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t groups = std::min<int64_t>(blocks, (2 * threads + g.n - 1) / g.n);
+  ParallelFor(pool, g.n * groups, [&](int64_t t) {
+    const int64_t n = t / groups, k = t % groups;
+    KernelGradientBlocks(g, xd, dyd, dkd, n, blocks * k / groups, blocks * (k + 1) / groups);
+  });
   return ffi::Error::Success();
 }
 
