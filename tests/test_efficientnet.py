@@ -183,3 +183,29 @@ def test_stem_im2col_equals_the_convolution_with_gradients(size, padding):
 
     for got, want in zip(jax.tree.leaves(grads("shifted_sum")), jax.tree.leaves(grads("conv")), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spatial,channels", [(6, 8), (3, 8)])  # 36 positions >= 2 x 8 channels: folded; 9: not
+def test_gated_projection_folded_equals_scaling_x_with_gradients(spatial, channels):
+    keys = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(keys[0], (3, spatial, spatial, channels))
+    gate = jax.nn.sigmoid(jax.random.normal(keys[1], (3, channels)))
+    variables = enet.GatedProjection(5, fold=False).init(keys[2], x, gate)
+    assert variables["params"]["kernel"].shape == (channels, 5)  # FlatDense's layout: checkpoints unchanged
+    kernel = variables["params"]["kernel"]
+    expected = ((x * gate[:, None, None, :]).reshape(-1, channels) @ kernel).reshape(3, spatial, spatial, 5)
+    cotangent = jax.random.normal(keys[3], expected.shape)
+
+    def value_and_grads(fold):
+        def f(v, x, gate):
+            return jnp.vdot(enet.GatedProjection(5, fold=fold).apply(v, x, gate), cotangent)
+
+        return enet.GatedProjection(5, fold=fold).apply(variables, x, gate), jax.grad(f, argnums=(0, 1, 2))(
+            variables, x, gate
+        )
+
+    (unfolded, want), (folded, got) = value_and_grads(False), value_and_grads(True)
+    np.testing.assert_allclose(unfolded, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(folded, expected, rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -347,6 +347,31 @@ class StemConv(nn.Module):
         return out.reshape(x.shape[0], out_h, out_w, self.features)
 
 
+class GatedProjection(nn.Module):
+    """The block's 1x1 projection of `x * gate` (`gate [N, C]`: squeeze-excite, one value per
+    example and channel), with `FlatDense`'s parameter (`kernel [C, features]`). With `fold`, the
+    gate scales each example's copy of the kernel instead of x: `x[n] @ (gate[n, :, None] *
+    kernel)`, the same maths without the activation-sized product and, backward, without the
+    activation-sized reduction for the gate's gradient. On CPU that halves the projection's time
+    where positions outnumber channels twice over (the first blocks) and loses where they do not
+    (benchmarks/RESULTS.md, session 8)."""
+
+    features: int
+    fold: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        kernel = self.param("kernel", conv_init, (c, self.features), jnp.float32)
+        x, gate, kernel = nn.dtypes.promote_dtype(x, gate, kernel, dtype=self.dtype)
+        if self.fold and h * w >= 2 * c:
+            y = jnp.einsum("nrc,nco->nro", x.reshape(n, h * w, c), gate[:, :, None] * kernel)
+        else:
+            y = (x * gate[:, None, None, :]).reshape(-1, c) @ kernel
+        return y.reshape(n, h, w, self.features)
+
+
 class DropConnect(nn.Module):
     """Residual-branch dropout: whole examples ('per_example', stochastic depth as in the
     original EfficientNet) or single elements ('elementwise', as HF's port does)."""
@@ -405,11 +430,11 @@ class MBConvBlock(nn.Module):
         x = norm(name="depthwise_bn", activation=act)(x)
         # Squeeze-excite; its bottleneck is sized from the block *input* width.
         se_width = max(1, int(spec.in_dim * self.squeeze_expansion_ratio))
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = jnp.mean(x, axis=(1, 2))
         s = act(dense(se_width, name="se_reduce")(s))
         s = nn.sigmoid(dense(width, name="se_expand")(s))
-        x = x * s
-        x = dense(spec.out_dim, use_bias=False, name="project_conv")(x)
+        fold = resolve_depthwise_impl(self.depthwise_impl, self.dtype) != "conv"  # CPU
+        x = GatedProjection(spec.out_dim, fold, self.dtype, name="project_conv")(x, s)
         x = norm(name="project_bn")(x)
         if spec.residual:
             x = DropConnect(spec.drop_rate, self.drop_connect_mode)(x, deterministic=not train)
