@@ -120,12 +120,13 @@ def test_kernel_shape_mismatch_is_an_error_naming_it():
         jax.block_until_ready(depthwise._forward_local(x, jnp.ones((3, 3, 3)), 1, ((1, 1), (1, 1))))
 
 
-def test_library_is_cached_by_source_and_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv("ALIGN_JAX_KERNEL_CACHE", str(tmp_path))
-    path = kernels.build()
+def test_library_is_cached_by_source_and_machine(tmp_path):
+    # A directory argument, not $ALIGN_JAX_KERNEL_CACHE: the background lane's subprocesses copy
+    # this process's environment and would build into tmp_path too.
+    path = kernels.build(tmp_path)
     assert path.parent == tmp_path and path.exists()
     built = path.stat().st_mtime_ns
-    assert kernels.build() == path and path.stat().st_mtime_ns == built  # not rebuilt
+    assert kernels.build(tmp_path) == path and path.stat().st_mtime_ns == built  # not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
 
 

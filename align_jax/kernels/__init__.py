@@ -73,8 +73,9 @@ def _cpu_fingerprint() -> str:
         return platform.processor() or platform.machine()
 
 
-def library_path() -> Path:
-    """Where the compiled library for this source, jaxlib, compiler and CPU lives."""
+def library_path(directory: Path | None = None) -> Path:
+    """Where the compiled library for this source, jaxlib, compiler and CPU lives (in `directory`,
+    default `cache_dir()`)."""
     import jaxlib
 
     key = hashlib.sha256()
@@ -83,14 +84,15 @@ def library_path() -> Path:
         key.update(part)
         key.update(b"\0")
     key.update(" ".join(FLAGS).encode())
-    return cache_dir() / f"align_jax_kernels-{key.hexdigest()[:16]}.so"
+    return (directory or cache_dir()) / f"align_jax_kernels-{key.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compile the kernels' sources into one library unless it is cached; returns its path."""
+def build(directory: Path | None = None) -> Path:
+    """Compile the kernels' sources into one library unless it is cached (in `directory`, default
+    `cache_dir()`); returns its path."""
     import jax
 
-    path = library_path()
+    path = library_path(directory)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
