@@ -20,13 +20,26 @@ def emulate_devices(n: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (figures from an AMD EPYC and an Intel Xeon differ several-fold)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host() -> str:
+    return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} cores"
+
+
 def machine() -> str:
     import jax
 
     device = jax.devices()[0]
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device.platform}: {device.device_kind}"
-    )
+    return f"{host()}, {device.platform}: {device.device_kind}"
 
 
 def write_section(name: str, markdown: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -374,7 +373,7 @@ def compare(module: str, args: argparse.Namespace, targets: dict[str, float]) ->
         results[name] = entry
     quiet.close()
     return dict(
-        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        machine=common.host(),
         threads=args.threads,
         batch=args.batch,
         rounds=args.rounds,
