@@ -35,6 +35,14 @@ def host() -> str:
     return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} cores"
 
 
+def allocator() -> str:
+    """This process's allocator settings as RESULTS.md states them (the step time on CPU depends
+    on them: benchmarks/torch_reference.py)."""
+    names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
+    settings = [f"`{name}={os.environ[name]}`" for name in names if os.environ.get(name)]
+    return ", ".join(settings) or "glibc malloc's defaults"
+
+
 def machine() -> str:
     import jax
 

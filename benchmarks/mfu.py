@@ -186,6 +186,7 @@ def main(argv=None) -> dict:
     out = dict(
         benchmark="mfu",
         machine=common.machine(),
+        allocator=common.allocator(),
         devices=jax.device_count(),
         jax=jax.__version__,
         dtype=dtype,
@@ -214,8 +215,8 @@ def main(argv=None) -> dict:
             peak_line += f"; datasheet dense bf16 peak {spec_peak / 1e12:.0f} TFLOP/s"
         common.write_section(
             f"Train-step MFU: {jax.devices()[0].device_kind} x{jax.device_count()}, {dtype}",
-            f"`python -m benchmarks.mfu {' '.join(argv or sys.argv[1:])}` on {out['machine']}, jax {jax.__version__}. "
-            f"{peak_line}. Synthetic batches, LAMB, softmax loss.\n\n" + "\n".join(rows),
+            f"`python -m benchmarks.mfu {' '.join(argv or sys.argv[1:])}` on {out['machine']}, jax {jax.__version__}, "
+            f"under {common.allocator()}. {peak_line}. Synthetic batches, LAMB, softmax loss.\n\n" + "\n".join(rows),
         )
     common.print_json(out)
     return out

@@ -44,6 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 # (3.6 GB for the small config) is fresh memory each step: 900k page faults, 1.6 s of kernel time
 # per 3.3 s step; with huge pages 2k faults and a 2.3 s step (benchmarks/RESULTS.md).
 ALLOCATOR_ENV = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.hugetlb=1"
+# `--malloc jemalloc`: both workers run under jemalloc (Debian's libjemalloc2) through LD_PRELOAD,
+# configured to keep what is freed: no decay of dirty or muzzy pages, and no dedicated arena for
+# allocations over 8 MiB (jemalloc 5's `oversize_threshold`, whose arena returns pages at once),
+# so the per-step temp buffer comes back from the same pages every step. Not `thp:always`: with
+# it align_jax's small step took 1.56 s instead of 1.25 (benchmarks/RESULTS.md, session 10).
+JEMALLOC = "libjemalloc.so.2"
+JEMALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+MALLOCS = ("glibc", "jemalloc")
 CONFIGS = ("tiny", "small", "bert_heavy")
 SEED = 0
 
@@ -231,6 +239,12 @@ def make_parser(doc: str, steps: int) -> argparse.ArgumentParser:
         help="GLIBC_TUNABLES given to both workers ('' leaves the environment's)",
     )
     parser.add_argument(
+        "--malloc",
+        default="glibc",
+        choices=MALLOCS,
+        help=f"the allocator of both workers: glibc's malloc, or {JEMALLOC} preloaded with MALLOC_CONF={JEMALLOC_CONF}",
+    )
+    parser.add_argument(
         "--wait_quiet",
         type=float,
         default=0.0,
@@ -256,12 +270,43 @@ def worker_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
     if args.allocator_env:
         env["GLIBC_TUNABLES"] = args.allocator_env
+    for name in ("LD_PRELOAD", "MALLOC_CONF"):  # the allocator is --malloc's, not the caller's
+        env.pop(name, None)
+    env.update(malloc_env(getattr(args, "malloc", "glibc")))
     # One CPU device (the test suite's emulated devices would split the batch).
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     env["XLA_FLAGS"] = flags
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(args.threads))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     return env
+
+
+def malloc_env(malloc: str) -> dict[str, str]:
+    """LD_PRELOAD (and MALLOC_CONF) that give a worker `malloc`; an error naming the package when
+    the library is not on this machine."""
+    if malloc == "glibc":
+        return {}
+    if malloc != "jemalloc":
+        raise ValueError(f"unknown --malloc {malloc!r}; expected one of {MALLOCS}")
+    path = find_shared_library(JEMALLOC)
+    if path is None:
+        raise FileNotFoundError(
+            f"--malloc jemalloc: {JEMALLOC} is not installed (Debian/Ubuntu: apt-get install libjemalloc2)"
+        )
+    return {"LD_PRELOAD": path, "MALLOC_CONF": JEMALLOC_CONF}
+
+
+def find_shared_library(soname: str) -> str | None:
+    """The path of `soname` in the dynamic linker's cache, or None."""
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in listing.splitlines():
+        name, _, path = line.strip().partition(" => ")
+        if name.split(" ", 1)[0] == soname and os.path.exists(path):
+            return path
+    return None
 
 
 def pin_threads(threads: int) -> None:
@@ -380,7 +425,11 @@ def compare(module: str, args: argparse.Namespace, targets: dict[str, float]) ->
         steps=args.steps,
         warmup=args.warmup,
         torch_mode=args.torch_mode,
-        env=dict(GLIBC_TUNABLES=args.allocator_env or os.environ.get("GLIBC_TUNABLES", "")),
+        env=dict(
+            GLIBC_TUNABLES=args.allocator_env or os.environ.get("GLIBC_TUNABLES", ""),
+            malloc=args.malloc,
+            **malloc_env(args.malloc),
+        ),
         versions=versions(),
         pytest_running=quiet.busy_measurements > 0,
         measurements_with_pytest_running=quiet.busy_measurements,
@@ -425,13 +474,21 @@ def results_markdown(summary: dict, command: str, what: str) -> str:
         f"`{command}` on {summary['machine']} ({summary['threads']} threads), batch {summary['batch']}, float32, "
         f"{summary['rounds']} rounds x {summary['steps']} timed steps after {summary['warmup']} warm-up steps; "
         "each round runs align_jax and PyTorch in fresh processes, the order alternating; medians over rounds. "
-        f"Both under `GLIBC_TUNABLES={summary['env']['GLIBC_TUNABLES']}`. jax {v['jax']}, flax {v['flax']}, "
+        f"Both under {allocator_markdown(summary['env'])}. jax {v['jax']}, flax {v['flax']}, "
         f"optax {v['optax']}; torch {v['torch']}, transformers {v['transformers']}; PyTorch {summary['torch_mode']}, "
         f"channels_last, {summary['threads']} threads.{busy} CPU-s/step: median CPU seconds (user + system, "
         "all threads) per step; PyTorch's OpenMP threads spin while they wait, which counts as CPU time.\n\n"
         f"{what} align_jax compile time (excluded, median "
         f"per worker): {compile_s}.\n\n" + "\n".join(rows)
     )
+
+
+def allocator_markdown(env: dict) -> str:
+    """How both workers allocated memory, for RESULTS.md."""
+    text = f"`GLIBC_TUNABLES={env['GLIBC_TUNABLES']}`"
+    if env.get("LD_PRELOAD"):
+        text = f"`LD_PRELOAD={env['LD_PRELOAD']}` with `MALLOC_CONF={env['MALLOC_CONF']}` ({text} for glibc itself)"
+    return text
 
 
 def compare_and_report(

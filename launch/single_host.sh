@@ -31,6 +31,10 @@ Options:
   --jax-package SPEC   installed into a new venv with align_jax, e.g. 'jax[cuda12]' for NVIDIA
                        GPUs or 'jax[tpu]' [JAX_PACKAGE]; default none (CPU)
   --python PYTHON      use this interpreter as it is, no venv [PYTHON]
+  --jemalloc           run under jemalloc, set to keep what it frees (LD_PRELOAD, MALLOC_CONF):
+                       on CPU, XLA allocates each step's temporary buffer afresh, and glibc's
+                       malloc hands it back to the kernel each step (README). The library:
+                       JEMALLOC_LIB, else ldconfig's libjemalloc.so.2 (apt-get install libjemalloc2)
   --dry-run            print the commands (one per line, prefixed by `+ `), run none [DRY_RUN=1]
   -h, --help           this help
 
@@ -53,6 +57,7 @@ log_dir=""
 venv=${VENV:-}
 jax_package=${JAX_PACKAGE:-}
 python=${PYTHON:-}
+jemalloc=0
 train_flags=()
 
 split_option_values "$@"
@@ -64,6 +69,7 @@ while [[ $# -gt 0 ]]; do
             exit 0
             ;;
         --dry-run) DRY_RUN=1 ;;
+        --jemalloc) jemalloc=1 ;;
         --config | --workdir | --cpu-devices | --processes | --port | --log-dir | --venv | --jax-package | --python)
             need_value "$@"
             case $1 in
@@ -119,6 +125,18 @@ ensure_venv() {
 
 train_command=("$python" -m align_jax.train --config "$config" --workdir "$workdir" ${train_flags[@]+"${train_flags[@]}"})
 
+# --jemalloc: what `env` puts before the training command. The options are those of
+# benchmarks/torch_reference.py's JEMALLOC_CONF: no decay of freed pages, and no arena of its own
+# (returning pages at once) for allocations over 8 MiB.
+JEMALLOC_CONF=oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
+malloc_env=()
+if ((jemalloc)); then
+    library=${JEMALLOC_LIB:-$(ldconfig -p 2>/dev/null | awk '$1 == "libjemalloc.so.2" { print $NF; exit }')}
+    [[ -n $library ]] || die "--jemalloc: libjemalloc.so.2 is not installed (Debian/Ubuntu: apt-get install libjemalloc2), or set JEMALLOC_LIB"
+    [[ -f $library ]] || die "--jemalloc: JEMALLOC_LIB=$library is not a file"
+    malloc_env=("LD_PRELOAD=$library" "MALLOC_CONF=$JEMALLOC_CONF")
+fi
+
 # XLA_FLAGS=... for N emulated CPU devices, keeping the caller's other XLA flags.
 cpu_device_flags() {
     printf '%s' "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$1"
@@ -126,7 +144,9 @@ cpu_device_flags() {
 
 if [[ -z $processes ]]; then
     if [[ -n $cpu_devices ]]; then
-        run_exec env JAX_PLATFORMS=cpu "$(cpu_device_flags "$cpu_devices")" "${train_command[@]}"
+        run_exec env ${malloc_env[@]+"${malloc_env[@]}"} JAX_PLATFORMS=cpu "$(cpu_device_flags "$cpu_devices")" "${train_command[@]}"
+    elif ((jemalloc)); then
+        run_exec env "${malloc_env[@]}" "${train_command[@]}"
     fi
     run_exec "${train_command[@]}"
 fi
@@ -140,7 +160,7 @@ run mkdir -p "$log_dir"
 pids=()
 logs=()
 for ((i = 0; i < processes; i++)); do
-    command=(env JAX_PLATFORMS=cpu "$(cpu_device_flags "${cpu_devices:-1}")" "${train_command[@]}"
+    command=(env ${malloc_env[@]+"${malloc_env[@]}"} JAX_PLATFORMS=cpu "$(cpu_device_flags "${cpu_devices:-1}")" "${train_command[@]}"
         --coordinator_address "localhost:$port" --num_processes "$processes" --process_id "$i")
     logs[i]=$log_dir/process_$i.log
     print_command "$(quote_words "${command[@]}") > $(quote "${logs[i]}") 2>&1 &"

@@ -67,3 +67,29 @@ def test_bert_config_sizes():
     assert bert.bert_config("large").num_layers == 24
     with pytest.raises(ValueError, match="'giant'"):
         bert.bert_config("giant")
+
+
+@pytest.mark.parametrize("remat, scan", [("none", False), ("full", False), ("none", True)])
+def test_first_token_only_is_the_cls_row_of_the_full_output_with_gradients(tiny_bert, remat, scan):
+    """The cut last layer (or, scanned, the sliced full one) gives the [CLS] state and its
+    gradients as the whole-text computation does, on every parameter and with padding."""
+    _, variables, ids, mask = tiny_bert
+    model = bert.Bert(**dict(CONFIG, remat=remat, scan_layers=scan))
+    params = variables["params"]
+    if scan:
+        from align_jax.models.layers import stack_layers
+
+        params = stack_layers(params, CONFIG.num_layers)
+    weights = jax.random.normal(jax.random.key(4), (3, CONFIG.hidden_size))
+
+    def cls_loss(p, first_token_only):
+        hidden = model.apply({"params": p}, ids, mask, first_token_only=first_token_only)
+        return jnp.sum(jnp.sin(hidden[:, 0] * weights)), hidden
+
+    (full_loss, full), full_grads = jax.value_and_grad(cls_loss, has_aux=True)(params, False)
+    (cut_loss, cut), cut_grads = jax.value_and_grad(cls_loss, has_aux=True)(params, True)
+    assert full.shape == (3, 10, CONFIG.hidden_size) and cut.shape == (3, 1, CONFIG.hidden_size)
+    np.testing.assert_allclose(cut[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(cut_grads), jax.tree.leaves(full_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -26,7 +26,7 @@ TIMEOUT_S = 60
 SCRIPT_VARIABLES = {
     "DRY_RUN", "TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "TPU_VERSION", "SPOT", "PREEMPTIBLE",
     "QUEUED", "REPO_URL", "REPO_REF", "REMOTE_DIR", "TPU_PYTHON", "COORDINATOR_PORT", "PYTHON", "VENV",
-    "JAX_PACKAGE", "STOP_GRACE_S", "ALIGN_JAX_DIR", "XLA_FLAGS", "JAX_PLATFORMS",
+    "JAX_PACKAGE", "STOP_GRACE_S", "ALIGN_JAX_DIR", "XLA_FLAGS", "JAX_PLATFORMS", "JEMALLOC_LIB",
 }  # fmt: skip
 MESH_FLAG = "--config.mesh=(('data', -1), ('fsdp', 4))"  # spaces and quotes must survive every hop
 
@@ -498,6 +498,22 @@ def test_single_host_emulates_cpu_devices():
         "env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8".split()
         + ["python3", "-m", "align_jax.train", "--config", "c", "--workdir", "w"]
     ]
+
+
+def test_single_host_jemalloc_preloads_the_library_with_the_benchmarks_options(tmp_path):
+    from benchmarks.torch_reference import JEMALLOC_CONF
+
+    library = tmp_path / "libjemalloc.so.2"
+    library.touch()
+    args = ["--python", "python3", "--config", "c", "--workdir", "w", "--jemalloc"]
+    malloc = [f"LD_PRELOAD={library}", f"MALLOC_CONF={JEMALLOC_CONF}"]
+    train = ["python3", "-m", "align_jax.train", "--config", "c", "--workdir", "w"]
+    assert dry_run("single_host.sh", *args, JEMALLOC_LIB=str(library)) == [["env", *malloc, *train]]
+    [command] = dry_run("single_host.sh", *args, "--cpu-devices", "2", JEMALLOC_LIB=str(library))
+    devices = ["JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=2"]
+    assert command == ["env", *malloc, *devices, *train]
+    missing = launch("single_host.sh", "--dry-run", *args, JEMALLOC_LIB=str(tmp_path / "nope.so"))
+    assert missing.returncode == 2 and f"JEMALLOC_LIB={tmp_path / 'nope.so'} is not a file" in missing.stderr
 
 
 def test_single_host_processes_dry_run_prints_one_command_per_process_id(tmp_path):

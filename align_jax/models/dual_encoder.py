@@ -74,7 +74,10 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
         """Token ids and mask `[N, L]` -> unit-norm float32 embeddings `[N, embed_dim]`."""
-        hidden = self.text_tower(input_ids, attention_mask, train=train)
+        if isinstance(self.text_tower, Bert):  # [CLS] alone out of the last layer: the same embedding
+            hidden = self.text_tower(input_ids, attention_mask, train=train, first_token_only=True)
+        else:
+            hidden = self.text_tower(input_ids, attention_mask, train=train)
         features = self.text_projection(self.text_tower.pool(hidden, attention_mask))
         return l2_normalize(features.astype(jnp.float32))
 
