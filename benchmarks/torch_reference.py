@@ -272,7 +272,7 @@ def worker_env(args: argparse.Namespace) -> dict[str, str]:
         env["GLIBC_TUNABLES"] = args.allocator_env
     for name in ("LD_PRELOAD", "MALLOC_CONF"):  # the allocator is --malloc's, not the caller's
         env.pop(name, None)
-    env.update(malloc_env(getattr(args, "malloc", "glibc")))
+    env.update(malloc_env(args.malloc))
     # One CPU device (the test suite's emulated devices would split the batch).
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
     env["XLA_FLAGS"] = flags

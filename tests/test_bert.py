@@ -90,6 +90,8 @@ def test_first_token_only_is_the_cls_row_of_the_full_output_with_gradients(tiny_
     (cut_loss, cut), cut_grads = jax.value_and_grad(cls_loss, has_aux=True)(params, True)
     assert full.shape == (3, 10, CONFIG.hidden_size) and cut.shape == (3, 1, CONFIG.hidden_size)
     np.testing.assert_allclose(cut[:, 0], full[:, 0], rtol=1e-5, atol=1e-6)
+    pooled = model.apply({"params": params}, ids, mask, method=bert.Bert.pooled)
+    np.testing.assert_allclose(pooled, full[:, 0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cut_loss, full_loss, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(cut_grads), jax.tree.leaves(full_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -188,6 +188,10 @@ class Bert(nn.Module):
             return last(**fields, query_rows=1, name=f"layer_{self.num_layers - 1}")(x, attention_mask, train)
         return x[:, :1] if first_token_only else x
 
+    def pooled(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
+        """`[N, D]`: the pooled state the dual encoder embeds, with the last layer on [CLS] alone."""
+        return self.pool(self(input_ids, attention_mask, train, first_token_only=True), attention_mask)
+
     def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """`[N, L, D]` states -> `[N, D]`: the [CLS] state, as ALIGN (and HF) embed text."""
         del attention_mask

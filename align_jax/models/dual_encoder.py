@@ -36,7 +36,7 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 class DualEncoder(nn.Module):
     """ALIGN: image embedding = pooled image tower (Dense-projected only when its width differs
     from `embed_dim`, as coyo-align does for non-B7 backbones); text embedding = Dense on the
-    text tower's pooled state (its `pool`: [CLS] for BERT, the last token for the CLIP-style
+    text tower's pooled state (its `pooled`: [CLS] for BERT, the last token for the CLIP-style
     Transformer); both L2-normalised; logits = similarity / learnable temperature."""
 
     image_tower: nn.Module
@@ -74,11 +74,7 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
         """Token ids and mask `[N, L]` -> unit-norm float32 embeddings `[N, embed_dim]`."""
-        if isinstance(self.text_tower, Bert):  # [CLS] alone out of the last layer: the same embedding
-            hidden = self.text_tower(input_ids, attention_mask, train=train, first_token_only=True)
-        else:
-            hidden = self.text_tower(input_ids, attention_mask, train=train)
-        features = self.text_projection(self.text_tower.pool(hidden, attention_mask))
+        features = self.text_projection(self.text_tower.pooled(input_ids, attention_mask, train=train))
         return l2_normalize(features.astype(jnp.float32))
 
     def __call__(

@@ -121,6 +121,10 @@ class TextTransformer(nn.Module):
             name="encoder",
         )(x, mask, train)
 
+    def pooled(self, input_ids: jax.Array, attention_mask: jax.Array, train: bool = False) -> jax.Array:
+        """`[N, D]`: the pooled state the dual encoder embeds (`pool` of the final states)."""
+        return self.pool(self(input_ids, attention_mask, train), attention_mask)
+
     def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """`[N, L, D]` states -> `[N, D]`: at the last kept token ('eos'; under the causal mask
         the only one that has seen the whole text) or at the first ('first')."""
