@@ -1,4 +1,4 @@
-# `make test`: create .venv if missing, install align_jax with its test extra, run the suite.
+# `make test`: create .venv if missing, install align_jax with its test and cpu extras, run the suite.
 # `make demo`: same environment, run the main job on the embedded demo data.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.align_jax-installed
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,cpu]'
 	touch $(STAMP)
 
 test: $(STAMP)

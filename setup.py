@@ -33,6 +33,9 @@ setup(
         "numpy>=2.0",
     ],
     extras_require={
+        # MKL's sgemm for float32 matmuls on x86-64 Linux CPUs (align_jax/kernels/gemm.py); without
+        # it they stay with XLA's dot.
+        "cpu": ["mkl>=2024; platform_machine == 'x86_64' and sys_platform == 'linux'"],
         # torch and transformers only build numerical references in tests; never imported by
         # align_jax. torch is pinned so pip takes the local CPU wheel, not CUDA builds.
         "test": [

@@ -200,6 +200,18 @@ def time_steps(
     return times
 
 
+def jax_matmuls() -> str:
+    """What align_jax's float32 CPU matmuls (`FlatDense`) ran on in this process."""
+    import jax.numpy as jnp
+
+    from align_jax.kernels import gemm
+    from align_jax.models.layers import resolve_matmul_impl
+
+    if resolve_matmul_impl("auto", jnp.float32) == "blas":
+        return f"MKL sgemm ({gemm._state['path']})"
+    return "XLA's dot"
+
+
 def worker_result(
     framework: str, config_name: str, batch: int, times: list[float], cpu_times: list[float] = (), **extra
 ) -> dict:
@@ -392,7 +404,8 @@ def compare(module: str, args: argparse.Namespace, targets: dict[str, float]) ->
                 per[framework].append(out)
                 print(
                     f"{name} round {r}: {framework} {out['img_s']:.2f} img/s "
-                    f"({statistics.median(out['step_s']) * 1e3:.0f} ms/step)"
+                    f"(median {statistics.median(out['step_s']) * 1e3:.0f} ms/step, "
+                    f"slowest {max(out['step_s']) * 1e3:.0f})"
                     + (" (pytest running)" if out.get("pytest_running") else ""),
                     file=sys.stderr,
                     flush=True,
@@ -411,6 +424,7 @@ def compare(module: str, args: argparse.Namespace, targets: dict[str, float]) ->
             align_jax_cpu_s_per_step=median_or_none(o.get("cpu_s_per_step") for o in per["jax"]),
             torch_cpu_s_per_step=median_or_none(o.get("cpu_s_per_step") for o in per["torch"]),
             torch_mode=per["torch"][0]["torch_mode"],
+            align_jax_matmuls=per["jax"][0].get("matmuls", "-"),
         )
         if name in targets:
             entry["target_ratio"] = targets[name]
@@ -457,6 +471,7 @@ def results_markdown(summary: dict, command: str, what: str) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     compile_s = ", ".join(f"{name} {r['align_jax_compile_s']:.0f} s" for name, r in summary["results"].items())
+    matmuls = "; ".join(sorted({r.get("align_jax_matmuls", "-") for r in summary["results"].values()}))
     rows = [
         "| config | align_jax img/s | PyTorch img/s | ratio | median per-round ratio | target | met "
         "| align_jax CPU-s/step | PyTorch CPU-s/step |",
@@ -476,7 +491,8 @@ def results_markdown(summary: dict, command: str, what: str) -> str:
         "each round runs align_jax and PyTorch in fresh processes, the order alternating; medians over rounds. "
         f"Both under {allocator_markdown(summary['env'])}. jax {v['jax']}, flax {v['flax']}, "
         f"optax {v['optax']}; torch {v['torch']}, transformers {v['transformers']}; PyTorch {summary['torch_mode']}, "
-        f"channels_last, {summary['threads']} threads.{busy} CPU-s/step: median CPU seconds (user + system, "
+        f"channels_last, {summary['threads']} threads; align_jax's float32 matmuls: {matmuls}.{busy} "
+        "CPU-s/step: median CPU seconds (user + system, "
         "all threads) per step; PyTorch's OpenMP threads spin while they wait, which counts as CPU time.\n\n"
         f"{what} align_jax compile time (excluded, median "
         f"per worker): {compile_s}.\n\n" + "\n".join(rows)

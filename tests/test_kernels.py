@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +17,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from align_jax import kernels
+from align_jax.kernels import gemm
 from align_jax.kernels.depthwise import native_depthwise
 from align_jax.models import efficientnet as enet
+from align_jax.models import layers
 from align_jax.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,3 +317,95 @@ def test_efficientnet_training_step_is_the_same_function_with_native_kernels():
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"{impl} embeddings / batch stats")
         for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{impl} gradients")
+
+
+# ----------------------------------------------------------------------------- MKL sgemm
+
+
+needs_mkl = pytest.mark.skipif(not gemm.available(), reason=f"MKL not loadable here: {gemm._state.get('error')}")
+
+
+def _matmul_value_and_grads(fn, x, w, cotangent):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(jnp.tanh(fn(x, w)), cotangent), (0, 1)))(x, w)
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape", [(96, 40, 24), (7, 1, 5), (300, 130, 3)])
+def test_blas_matmul_equals_xla_dot_with_gradients(shape):
+    rows, k, n = shape
+    rng = np.random.default_rng(rows)
+    x, w, cot = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((rows, k), (k, n), (rows, n)))
+    got = _matmul_value_and_grads(gemm.blas_matmul, x, w, cot)
+    want = _matmul_value_and_grads(lambda x, w: jnp.dot(x, w, precision="highest"), x, w, cot)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+
+
+@needs_mkl
+@pytest.mark.parametrize("x_spec, w_spec", [(P(("data", "fsdp")), P()), (P("data"), P("fsdp")), (P(), P(None, "fsdp"))])
+def test_blas_matmul_sharded_equals_one_device(x_spec, w_spec):
+    """Rows sharded over the mesh, the kernel fsdp-sharded on either axis: same value and
+    gradients as on one device (the kernel gradient is summed over the rows' shards)."""
+    mesh = make_mesh([("data", 4), ("fsdp", 2)])
+    rng = np.random.default_rng(1)
+    x, w, cot = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((64, 48), (48, 40), (64, 40)))
+    want = _matmul_value_and_grads(gemm.blas_matmul, x, w, cot)
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    got = _matmul_value_and_grads(gemm.blas_matmul, put(x, x_spec), put(w, w_spec), put(cot, x_spec))
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_flat_dense_auto_is_blas_on_cpu_and_equals_xla(remat, capsys):
+    """Same parameters, outputs and gradients through MKL and through XLA's dot, also under
+    remat='dots' (which keeps the MKL products as it keeps XLA's dots)."""
+    assert layers.resolve_matmul_impl("auto", jnp.float32) == "blas"
+    assert layers.resolve_matmul_impl("auto", jnp.bfloat16) == "xla"
+
+    def model(impl):
+        block = layers.remat_block(_TwoDense, remat, static_argnums=())
+        return block(impl=impl)
+
+    x = jax.random.normal(jax.random.key(0), (4, 6, 16))
+    params = model("xla").init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, model("auto").init(jax.random.key(1), x))
+
+    def value_and_grads(impl):
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(model(impl).apply(p, x))), (0, 1)))(params, x)
+
+    outs = {impl: value_and_grads(impl) for impl in ("xla", "auto", "blas")}
+    for impl in ("auto", "blas"):
+        for g, r in zip(jax.tree.leaves(outs[impl]), jax.tree.leaves(outs["xla"]), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    if remat == "dots":
+        capsys.readouterr()
+        jax.ad_checkpoint.print_saved_residuals(lambda p, x: model("blas").apply(p, x), params, x)
+        saved = capsys.readouterr().out
+        assert saved.count(f"named '{layers.BLAS_CHECKPOINT_NAME}'") == 1, saved  # the tanh's input
+
+
+class _TwoDense(nn.Module):
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        y = layers.FlatDense(32, impl=self.impl, name="a")(x)
+        return layers.FlatDense(8, impl=self.impl, name="b")(jnp.tanh(y))
+
+
+def test_blas_path_off_or_missing_names_the_cause(monkeypatch, tmp_path):
+    monkeypatch.setattr(gemm, "_state", {})
+    monkeypatch.setenv(gemm.BLAS_ENV, "xla")
+    assert gemm.blas_path() is None
+    with pytest.raises(kernels.NativeKernelError, match="ALIGN_JAX_BLAS=xla"):
+        gemm.load()
+    assert layers.resolve_matmul_impl("auto", jnp.float32) == "xla"
+    monkeypatch.setattr(gemm, "_state", {})
+    missing = tmp_path / "libmkl_rt.so.2"
+    monkeypatch.setenv(gemm.BLAS_ENV, str(missing))
+    with pytest.raises(kernels.NativeKernelError, match=str(missing)):
+        gemm.load()
+    with pytest.raises(ValueError, match="matmul impl must be one of"):
+        layers.resolve_matmul_impl("mkl", jnp.float32)

@@ -5,7 +5,7 @@ PyTorch's oneDNN kernel, and the pure-JAX fallback `shifted_sum_depthwise` spend
 EfficientNet training step in the kernel gradient), and its batch-norm backward materialises
 intermediates that its reduction library calls cannot fuse (benchmarks/RESULTS.md). `depthwise.cc`
 and `batchnorm.cc` hold those loops; `depthwise.py` and `batchnorm.py` give them gradients and
-sharding rules. They are compiled with the system C++ compiler against the FFI headers jaxlib
+sharding rules. `gemm.cc` calls a BLAS sgemm (MKL's, which `gemm.py` loads) for float32 matmuls. They are compiled with the system C++ compiler against the FFI headers jaxlib
 ships, for this CPU (`-march=native`), into `$ALIGN_JAX_KERNEL_CACHE` (default
 `~/.cache/align_jax/kernels`), keyed by the sources, jaxlib's version, the compiler and the CPU, so
 a changed machine or jaxlib rebuilds instead of loading a stale library. No compiler means no
@@ -29,7 +29,7 @@ from pathlib import Path
 log = logging.getLogger("align_jax.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "depthwise.cc", HERE / "batchnorm.cc")
+SOURCES = (HERE / "depthwise.cc", HERE / "batchnorm.cc", HERE / "gemm.cc")
 HEADERS = (HERE / "parallel.h",)
 TARGETS = {
     "align_jax_batch_norm_stats": "AlignJaxBatchNormStats",
@@ -39,6 +39,7 @@ TARGETS = {
     "align_jax_depthwise_forward": "AlignJaxDepthwiseForward",
     "align_jax_depthwise_input_gradient": "AlignJaxDepthwiseInputGradient",
     "align_jax_depthwise_kernel_gradient": "AlignJaxDepthwiseKernelGradient",
+    "align_jax_gemm": "AlignJaxGemm",
 }
 # -fno-trapping-math: without AVX-512's masked compares, GCC will not if-convert the clamps in
 # batchnorm.cc's exp (a float compare may trap), and the SiLU loops stay scalar: 4x slower on an
