@@ -295,9 +295,8 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
         global_batch = pipeline.to_global_batch(batch, mesh, tasks.get(config).batch_keys)
         if compiled_step is None:
             lowered = step_fn.jitted.lower(state, global_batch)
-            # Model FLOPs from the step without accumulation: XLA counts a loop body once.
-            flops_lowered = lowered if step_fn.flops_jitted is step_fn.jitted else None
-            flops = perf.step_flops(flops_lowered or step_fn.flops_jitted.lower(state, global_batch)) or 0.0
+            # Model FLOPs from the step without accumulation and with XLA's dots (train_step.py).
+            flops = perf.step_flops(step_fn.flops_jitted.lower(state, global_batch)) or 0.0
             compiled_step = lowered.compile()
             # Hosts finish compiling at different times; the step's first collective must not
             # wait on a slower host's compile.

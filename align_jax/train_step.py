@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from align_jax import losses
-from align_jax.models import DualEncoder, ImageClassifier, init_variables
+from align_jax.models import DualEncoder, ImageClassifier, init_variables, layers
 from align_jax.sharding import (
     DEFAULT_RULES,
     batch_axes,
@@ -339,6 +339,17 @@ def _jit_step(
     )
 
 
+def _with_xla_matmuls(fn: Callable) -> Callable:
+    """`fn`, traced with XLA's dots in every 'auto' `FlatDense` (`layers.xla_matmuls`)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with layers.xla_matmuls():
+            return fn(*args, **kwargs)
+
+    return traced
+
+
 def _checked_step(jitted: Callable, flops_jitted: Callable, mesh: Mesh) -> Callable:
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         check_batch_size(batch["images"].shape[0], mesh)
@@ -367,13 +378,12 @@ def make_train_step(
     jitted = _jit_step(
         make_loss_and_grad_fn(model, loss_fn, freeze, accum_steps, mesh), tx, schedule, mesh, state_shardings
     )
-    # XLA's cost analysis counts a loop body once, not once per micro-batch, so FLOPs (for MFU)
-    # are read from the same step without accumulation: model FLOPs, no recomputed forward pass.
-    # Only ever lowered, never compiled.
-    flops_jitted = (
-        jitted
-        if accum_steps == 1
-        else _jit_step(make_loss_and_grad_fn(model, loss_fn, freeze), tx, schedule, mesh, state_shardings)
+    # XLA's cost analysis counts a loop body once, not once per micro-batch, and no FLOPs in an
+    # FFI call (the CPU matmuls through MKL), so FLOPs (for MFU) are read from the same step
+    # without accumulation and with XLA's dots: model FLOPs, no recomputed forward pass. Only ever
+    # lowered, never compiled.
+    flops_jitted = _jit_step(
+        _with_xla_matmuls(make_loss_and_grad_fn(model, loss_fn, freeze)), tx, schedule, mesh, state_shardings
     )
     return _checked_step(jitted, flops_jitted, mesh)
 

@@ -47,16 +47,7 @@ def jax_worker(name: str, args: argparse.Namespace) -> dict:
     times = ref.time_steps(
         lambda: jax.block_until_ready(compiled(variables, batch)), args.warmup, args.steps, cpu_times
     )
-    return ref.worker_result(
-        "jax",
-        name,
-        args.batch,
-        times,
-        cpu_times,
-        compile_s=round(compile_s, 2),
-        torch_mode="-",
-        matmuls=ref.jax_matmuls(),
-    )
+    return ref.worker_result("jax", name, args.batch, times, cpu_times, compile_s=round(compile_s, 2), torch_mode="-")
 
 
 def torch_worker(name: str, args: argparse.Namespace) -> dict:

@@ -216,7 +216,10 @@ def worker_result(
     framework: str, config_name: str, batch: int, times: list[float], cpu_times: list[float] = (), **extra
 ) -> dict:
     """One worker's JSON: wall seconds per step, img/s, and the median CPU seconds per step (how
-    much work the step took on all threads, which the wall time hides when threads idle)."""
+    much work the step took on all threads, which the wall time hides when threads idle), and for
+    align_jax what its float32 matmuls ran on."""
+    if framework == "jax":
+        extra.setdefault("matmuls", jax_matmuls())
     return dict(
         framework=framework,
         config=config_name,

@@ -90,15 +90,7 @@ def jax_worker(name: str, args: argparse.Namespace) -> dict:
     cpu_times = []
     times = ref.time_steps(run_step, args.warmup, args.steps, cpu_times)
     return ref.worker_result(
-        "jax",
-        name,
-        args.batch,
-        times,
-        cpu_times,
-        compile_s=round(compile_s, 2),
-        loss=holder["loss"],
-        torch_mode="-",
-        matmuls=ref.jax_matmuls(),
+        "jax", name, args.batch, times, cpu_times, compile_s=round(compile_s, 2), loss=holder["loss"], torch_mode="-"
     )
 
 

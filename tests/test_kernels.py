@@ -395,6 +395,23 @@ class _TwoDense(nn.Module):
         return layers.FlatDense(8, impl=self.impl, name="b")(jnp.tanh(y))
 
 
+@needs_mkl
+def test_model_flops_are_counted_with_xla_dots():
+    """XLA's cost analysis sees no FLOPs in the MKL call; under `xla_matmuls()` the same model is
+    traced with XLA's dot, which is how train_step's `flops_jitted` (MFU) counts them."""
+    from align_jax import perf
+
+    dense = layers.FlatDense(64)
+    x = jnp.ones((4, 32, 48))
+    params = dense.init(jax.random.key(0), x)
+    with layers.xla_matmuls():
+        assert layers.resolve_matmul_impl("auto", jnp.float32) == "xla"
+        counted = perf.step_flops(jax.jit(dense.apply).lower(params, x))
+    assert layers.resolve_matmul_impl("auto", jnp.float32) == "blas"
+    blas = perf.step_flops(jax.jit(dense.apply).lower(params, x)) or 0.0
+    assert counted >= 2 * 128 * 48 * 64 > 10 * blas
+
+
 def test_blas_path_off_or_missing_names_the_cause(monkeypatch, tmp_path):
     monkeypatch.setattr(gemm, "_state", {})
     monkeypatch.setenv(gemm.BLAS_ENV, "xla")

@@ -5,7 +5,8 @@ PyTorch's oneDNN kernel, and the pure-JAX fallback `shifted_sum_depthwise` spend
 EfficientNet training step in the kernel gradient), and its batch-norm backward materialises
 intermediates that its reduction library calls cannot fuse (benchmarks/RESULTS.md). `depthwise.cc`
 and `batchnorm.cc` hold those loops; `depthwise.py` and `batchnorm.py` give them gradients and
-sharding rules. `gemm.cc` calls a BLAS sgemm (MKL's, which `gemm.py` loads) for float32 matmuls. They are compiled with the system C++ compiler against the FFI headers jaxlib
+sharding rules. `gemm.cc` calls a BLAS sgemm (MKL's, which `gemm.py` loads) for float32 matmuls.
+They are compiled with the system C++ compiler against the FFI headers jaxlib
 ships, for this CPU (`-march=native`), into `$ALIGN_JAX_KERNEL_CACHE` (default
 `~/.cache/align_jax/kernels`), keyed by the sources, jaxlib's version, the compiler and the CPU, so
 a changed machine or jaxlib rebuilds instead of loading a stale library. No compiler means no

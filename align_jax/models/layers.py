@@ -24,6 +24,8 @@ the unscanned layout).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,13 +41,29 @@ MATMUL_IMPLS = ("auto", "xla", "blas")
 BLAS_CHECKPOINT_NAME = "blas_matmul"
 
 
+_XLA_MATMULS = contextvars.ContextVar("align_jax_xla_matmuls", default=False)
+
+
+@contextlib.contextmanager
+def xla_matmuls():
+    """Models traced inside use XLA's dot for every 'auto' `FlatDense`: XLA's cost analysis counts
+    no FLOPs in an FFI call, so model FLOPs (MFU) are read from such a trace."""
+    token = _XLA_MATMULS.set(True)
+    try:
+        yield
+    finally:
+        _XLA_MATMULS.reset(token)
+
+
 def resolve_matmul_impl(impl: str, dtype: Any) -> str:
     """What `FlatDense(impl=...)` runs: 'auto' is MKL's sgemm (`align_jax.kernels.gemm`) for float32
-    on CPU where it loads, else XLA's dot."""
+    on CPU where it loads (outside `xla_matmuls()`), else XLA's dot."""
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"matmul impl must be one of {MATMUL_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
+    if _XLA_MATMULS.get():
+        return "xla"
     if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32:
         from align_jax.kernels import gemm
 
