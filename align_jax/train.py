@@ -35,7 +35,7 @@ from align_jax.metric_writer import MetricWriter
 from align_jax.models import build_model
 from align_jax.optim import make_optimizer
 from align_jax.sharding import make_mesh
-from align_jax.train_step import TrainState, abstract_train_state, make_init_fn
+from align_jax.train_step import TrainState, abstract_train_state, make_init_fn, model_flops
 
 log = logging.getLogger("align_jax.train")
 VOCAB_FILE = "vocab.txt"  # the workdir's copy; config.json names it relative to the workdir
@@ -296,7 +296,7 @@ def _loop(config, workdir, state, step_fn, iterator, manager, writer, evaluators
         if compiled_step is None:
             lowered = step_fn.jitted.lower(state, global_batch)
             # Model FLOPs from the step without accumulation and with XLA's dots (train_step.py).
-            flops = perf.step_flops(step_fn.flops_jitted.lower(state, global_batch)) or 0.0
+            flops = model_flops(step_fn, lowered, state, global_batch) or 0.0
             compiled_step = lowered.compile()
             # Hosts finish compiling at different times; the step's first collective must not
             # wait on a slower host's compile.

@@ -35,7 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from align_jax import losses
+from align_jax import losses, perf
 from align_jax.models import DualEncoder, ImageClassifier, init_variables, layers
 from align_jax.sharding import (
     DEFAULT_RULES,
@@ -350,6 +350,14 @@ def _with_xla_matmuls(fn: Callable) -> Callable:
     return traced
 
 
+def model_flops(step_fn: Callable, lowered: jax.stages.Lowered, state: TrainState, batch: dict) -> float | None:
+    """Model FLOPs of one step of `make_train_step`'s `step_fn` (for MFU), given its own `lowered`
+    step: from `flops_jitted`, lowered again only when it differs."""
+    if step_fn.flops_jitted is step_fn.jitted:
+        return perf.step_flops(lowered)
+    return perf.step_flops(step_fn.flops_jitted.lower(state, batch))
+
+
 def _checked_step(jitted: Callable, flops_jitted: Callable, mesh: Mesh) -> Callable:
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         check_batch_size(batch["images"].shape[0], mesh)
@@ -382,8 +390,13 @@ def make_train_step(
     # FFI call (the CPU matmuls through MKL), so FLOPs (for MFU) are read from the same step
     # without accumulation and with XLA's dots: model FLOPs, no recomputed forward pass. Only ever
     # lowered, never compiled.
-    flops_jitted = _jit_step(
-        _with_xla_matmuls(make_loss_and_grad_fn(model, loss_fn, freeze)), tx, schedule, mesh, state_shardings
+    same_trace = accum_steps == 1 and layers.resolve_matmul_impl("auto", jnp.float32) == "xla"
+    flops_jitted = (
+        jitted
+        if same_trace
+        else _jit_step(
+            _with_xla_matmuls(make_loss_and_grad_fn(model, loss_fn, freeze)), tx, schedule, mesh, state_shardings
+        )
     )
     return _checked_step(jitted, flops_jitted, mesh)
 

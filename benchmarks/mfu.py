@@ -75,7 +75,7 @@ def bench_config(name: str, model_config, batch: int, steps: int, windows: int) 
     """Compile the train step once, then time `windows` windows of `steps` steps each."""
     import jax
 
-    from align_jax import optim, perf, train_step
+    from align_jax import optim, train_step
     from align_jax.models import build_model
     from align_jax.sharding import make_mesh
 
@@ -94,7 +94,7 @@ def bench_config(name: str, model_config, batch: int, steps: int, windows: int) 
     lowered = step.jitted.lower(state, data)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = perf.step_flops(step.flops_jitted.lower(state, data))  # XLA's dots: FFI calls count 0
+    flops = train_step.model_flops(step, lowered, state, data)  # XLA's dots: FFI calls count 0
     memory = compiled.memory_analysis()
     peak_bytes = None
     if memory is not None:

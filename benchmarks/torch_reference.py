@@ -208,7 +208,7 @@ def jax_matmuls() -> str:
     from align_jax.models.layers import resolve_matmul_impl
 
     if resolve_matmul_impl("auto", jnp.float32) == "blas":
-        return f"MKL sgemm ({gemm._state['path']})"
+        return f"MKL sgemm ({gemm.path_in_use()})"
     return "XLA's dot"
 
 

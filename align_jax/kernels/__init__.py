@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("align_jax.kernels")
@@ -129,37 +130,58 @@ def build(directory: Path | None = None) -> Path:
     return path
 
 
+def load_once(state: dict, lock: threading.Lock, body: Callable[[], None]) -> None:
+    """Run `body` once per process under `lock`: later calls return, or raise the same
+    `NativeKernelError` it raised (the loaders here and in gemm.py)."""
+    with lock:
+        if "error" in state:
+            raise state["error"]
+        if state.get("loaded"):
+            return
+        try:
+            body()
+        except NativeKernelError as e:
+            state["error"] = e
+            raise
+        state["loaded"] = True
+
+
+def usable(state: dict, load_fn: Callable[[], None], log_fn: Callable[..., None], fallback: str) -> bool:
+    """Whether `load_fn` succeeds; logs why not (with what is used instead) once."""
+    try:
+        load_fn()
+        return True
+    except NativeKernelError as e:
+        if not state.get("warned"):
+            state["warned"] = True
+            log_fn("%s: %s", fallback, e)
+        return False
+
+
+def _load() -> None:
+    import jax
+
+    try:
+        library = ctypes.CDLL(str(build()))
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (OSError, AttributeError) as e:
+        raise NativeKernelError(f"loading align_jax's CPU kernels failed: {e}") from e
+    _state["library"] = library
+
+
 def load() -> None:
     """Build (once per machine) and register the kernels with XLA's CPU backend; idempotent.
     Raises `NativeKernelError` (the same one on every call) when they cannot be had."""
-    with _lock:
-        if "error" in _state:
-            raise _state["error"]
-        if _state.get("loaded"):
-            return
-        try:
-            import jax
+    load_once(_state, _lock, _load)
 
-            library = ctypes.CDLL(str(build()))
-            for target, symbol in TARGETS.items():
-                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-        except NativeKernelError as e:
-            _state["error"] = e
-            raise
-        except (OSError, AttributeError) as e:
-            _state["error"] = NativeKernelError(f"loading align_jax's CPU kernels failed: {e}")
-            raise _state["error"] from e
-        _state["library"] = library
-        _state["loaded"] = True
+
+def library() -> ctypes.CDLL:
+    """The loaded kernels' library (after `load()`)."""
+    load()
+    return _state["library"]
 
 
 def available() -> bool:
     """Whether the native kernels are (or can be) loaded; logs why not, once."""
-    try:
-        load()
-        return True
-    except NativeKernelError as e:
-        if not _state.get("warned"):
-            _state["warned"] = True
-            log.warning("native CPU kernels unavailable, using the pure-JAX fallback: %s", e)
-        return False
+    return usable(_state, load, log.warning, "native CPU kernels unavailable, using the pure-JAX fallback")

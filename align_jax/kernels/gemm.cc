@@ -6,9 +6,8 @@
 //
 // c[M, N] = op(a) @ op(b), op(t) = t or its transpose (row-major operands, as XLA lays them out).
 
-#include <cstdint>
-
 #include <algorithm>
+#include <cstdint>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"

@@ -54,49 +54,42 @@ def blas_path() -> Path | None:
     return None
 
 
+def _load() -> None:
+    kernels.load()
+    path = blas_path()
+    if path is None:
+        chosen = f"{BLAS_ENV}={os.environ[BLAS_ENV]}" if os.environ.get(BLAS_ENV) else "nothing"
+        raise kernels.NativeKernelError(
+            f"no MKL found (pip install mkl, or set {BLAS_ENV} to a libmkl_rt path); {chosen} chosen"
+        )
+    try:
+        blas = ctypes.CDLL(str(path))
+        sgemm = ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p)
+    except (OSError, AttributeError) as e:
+        raise kernels.NativeKernelError(f"loading cblas_sgemm from {path} failed: {e}") from e
+    # One thread per call: gemm.cc splits each product over XLA's own pool.
+    blas.MKL_Set_Threading_Layer(1)  # MKL_THREADING_SEQUENTIAL
+    library = kernels.library()
+    library.AlignJaxSetSgemm.argtypes = [ctypes.c_void_p]
+    library.AlignJaxSetSgemm(sgemm)
+    _state.update(blas=blas, path=path)  # the CDLL stays referenced: its sgemm is in use
+    log.info("float32 CPU matmuls through %s", path)
+
+
 def load() -> None:
     """Load the native kernels and MKL, and hand the kernels MKL's sgemm; idempotent. Raises
     `kernels.NativeKernelError` naming the cause (the same one on every call)."""
-    with _lock:
-        if "error" in _state:
-            raise _state["error"]
-        if _state.get("loaded"):
-            return
-        try:
-            kernels.load()
-            path = blas_path()
-            if path is None:
-                raise kernels.NativeKernelError(
-                    f"no MKL found (pip install mkl, or set {BLAS_ENV} to a libmkl_rt path); "
-                    f"{os.environ.get(BLAS_ENV) and BLAS_ENV + '=' + os.environ[BLAS_ENV] or 'nothing'} chosen"
-                )
-            try:
-                blas = ctypes.CDLL(str(path))
-                sgemm = ctypes.cast(blas.cblas_sgemm, ctypes.c_void_p)
-            except (OSError, AttributeError) as e:
-                raise kernels.NativeKernelError(f"loading cblas_sgemm from {path} failed: {e}") from e
-            # One thread per call: gemm.cc splits each product over XLA's own pool.
-            blas.MKL_Set_Threading_Layer(1)  # MKL_THREADING_SEQUENTIAL
-            library = kernels._state["library"]
-            library.AlignJaxSetSgemm.argtypes = [ctypes.c_void_p]
-            library.AlignJaxSetSgemm(sgemm)
-        except kernels.NativeKernelError as e:
-            _state["error"] = e
-            raise
-        _state.update(loaded=True, blas=blas, path=path)
-        log.info("float32 CPU matmuls through %s", path)
+    kernels.load_once(_state, _lock, _load)
 
 
 def available() -> bool:
     """Whether the MKL path can be used here; logs why not, once."""
-    try:
-        load()
-        return True
-    except kernels.NativeKernelError as e:
-        if not _state.get("warned"):
-            _state["warned"] = True
-            log.info("CPU matmuls stay with XLA's dot: %s", e)
-        return False
+    return kernels.usable(_state, load, log.info, "CPU matmuls stay with XLA's dot")
+
+
+def path_in_use() -> Path | None:
+    """The MKL library the float32 CPU matmuls call, or None when they stay with XLA's dot."""
+    return _state["path"] if available() else None
 
 
 def _sgemm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:

@@ -88,16 +88,16 @@ class FlatDense(nn.Dense):
         dtype = self.dtype or jnp.result_type(inputs.dtype, self.param_dtype)
         custom_dot = self.dot_general is not None or self.dot_general_cls is not None
         if not custom_dot and resolve_matmul_impl(self.impl, dtype) == "blas":
-            y = self._blas(flat)
+            y = self._blas(flat, dtype)
         else:
             y = super().__call__(flat)
         return y.reshape(*inputs.shape[:-1], self.features)
 
-    def _blas(self, flat: jax.Array) -> jax.Array:
+    def _blas(self, flat: jax.Array, dtype: Any) -> jax.Array:
         from align_jax.kernels import gemm
 
-        if jnp.dtype(self.dtype or self.param_dtype) != jnp.float32:
-            raise ValueError(f"FlatDense impl='blas' computes in float32, got dtype {self.dtype}")
+        if jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(f"FlatDense impl='blas' computes in float32, got {jnp.dtype(dtype)}")
         gemm.load()  # raises NativeKernelError naming why it cannot be had
         kernel = self.param("kernel", self.kernel_init, (flat.shape[-1], self.features), self.param_dtype)
         y = gemm.blas_matmul(flat.astype(jnp.float32), kernel.astype(jnp.float32))
